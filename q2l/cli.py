@@ -1,0 +1,90 @@
+"""The ``q2l`` command line: it parses, loads the config once, and hands typed objects to the layer that works.
+
+Imports of the heavy layers happen inside each command so that ``q2l --help`` and config errors are instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from q2l.config import Config, ConfigError, load_config
+
+app = typer.Typer(help="Query2Label on Ray + MLflow: data, train, tune, promote, predict, bench.", no_args_is_help=True)
+data_app = typer.Typer(help="Data sets: make the demo set, validate a set.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML config under experiments/ (defaults if omitted).")
+SET_OPT = typer.Option(None, "--set", "-s", help="Override one key: section.key=value (repeatable).")
+
+
+def _config(config: Path | None, overrides: list[str] | None) -> Config:
+    """Load and validate; a bad config is a usage error (exit 2) before anything starts."""
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        typer.secho(f"config error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+@data_app.command("demo")
+def data_demo(
+    out: Path = typer.Option(Path("data/demo"), "--out", help="Folder to write the COCO-layout demo set into."),
+    train: int = typer.Option(8000, "--train", min=1, help="Number of training images."),
+    val: int = typer.Option(2000, "--val", min=1, help="Number of validation (test) images."),
+    size: int = typer.Option(96, "--size", min=32, help="Image side in pixels."),
+    seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same set."),
+) -> None:
+    """Write the real-image demo set (Fashion-MNIST items on scikit-image photos) in COCO 2014 layout."""
+    from q2l.data.demo import DemoSourceError, make_demo_dataset
+
+    try:
+        summary = make_demo_dataset(out, num_train=train, num_val=val, size=size, seed=seed)
+    except DemoSourceError as e:
+        typer.secho(str(e), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(summary)
+
+
+@data_app.command("validate")
+def data_validate(
+    format: str = typer.Option("coco", "--format", help="coco | voc | csv"),
+    annotations: Path | None = typer.Option(None, "--annotations", help="COCO instances JSON, or the CSV/JSONL file."),
+    images: Path | None = typer.Option(None, "--images", help="Image folder (COCO, CSV)."),
+    root: Path | None = typer.Option(None, "--root", help="VOC: the VOC2007 folder."),
+) -> None:
+    """Scan a whole data set and list every problem; exit 1 if there is any."""
+    from q2l.data.validate import validate_dataset
+
+    problems = validate_dataset(format=format, annotations=annotations, images=images, root=root)
+    for p in problems:
+        typer.echo(str(p))
+    typer.echo(f"{len(problems)} problem(s)")
+    raise typer.Exit(1 if problems else 0)
+
+
+@app.command()
+def train(config: Path | None = CONFIG_OPT, set: list[str] | None = SET_OPT) -> None:
+    """Train one run on Ray Train (DDP workers), recorded in MLflow."""
+    cfg = _config(config, set)
+    from q2l.train import run_training
+
+    run_training(cfg)
+
+
+@app.command()
+def tune(
+    config: Path | None = CONFIG_OPT,
+    set: list[str] | None = SET_OPT,
+    resume: bool = typer.Option(False, "--resume", help="Restore an interrupted sweep of the same name."),
+) -> None:
+    """Sweep with Ray Tune (Optuna TPE + ASHA); each trial is a Ray Train run; registers the best as challenger."""
+    cfg = _config(config, set)
+    from q2l.tune import run_sweep
+
+    run_sweep(cfg, resume=resume)
+
+
+if __name__ == "__main__":
+    app()
