@@ -296,8 +296,8 @@ def _check_consistency(cfg: Config, source: str) -> None:
         )
     if m.hidden_dim % 2:
         raise ConfigError(f"{source}: model.hidden_dim = {m.hidden_dim} must be even (2-D sine positions)")
-    if cfg.data.format == "csv" and not cfg.data.train_file:
-        raise ConfigError(f"{source}: data.train_file is required when data.format = 'csv'")
+    if cfg.data.format == "csv" and not (cfg.data.train_file and cfg.data.test_file):
+        raise ConfigError(f"{source}: data.train_file and data.test_file are required when data.format = 'csv'")
     if cfg.train.precision == "fp16" and not cfg.ray.use_gpu:
         raise ConfigError(f"{source}: train.precision = 'fp16' needs a GPU (ray.use_gpu = true); use 'bf16' on CPU")
 

@@ -1,0 +1,20 @@
+"""Data layer: COCO / VOC / CSV readers, splits, decoding, transforms, mixing and loaders (plain PyTorch)."""
+
+from q2l.data.build import DataSplits, build_datasets
+from q2l.data.dataset import MultiLabelDataset
+from q2l.data.images import BadImageError, decode_rgb
+from q2l.data.loaders import Batch, build_loader
+from q2l.data.mixing import mix_batch
+from q2l.data.table import DataError
+
+__all__ = [
+    "Batch",
+    "BadImageError",
+    "DataError",
+    "DataSplits",
+    "MultiLabelDataset",
+    "build_datasets",
+    "build_loader",
+    "decode_rgb",
+    "mix_batch",
+]

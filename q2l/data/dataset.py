@@ -1,0 +1,67 @@
+"""The multi-label image dataset: one ``LabelTable`` slice, decoded, resized, optionally augmented."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from q2l.data.cache import ResizedCache
+from q2l.data.images import BadImageError, BadImagePolicy, decode_rgb
+from q2l.data.transforms import Augment, seed_for, squish_resize
+
+
+class MultiLabelDataset(Dataset):
+    """Items ``(image uint8 [3,S,S], target float32 [K], index)``; None for a bad image under policy skip.
+
+    An item can be asked for as ``ds[i]`` or as ``ds[(i, seed)]``: the loader's sampler passes a per-epoch
+    sample seed so that augmentation is reproducible whatever the worker count.
+    """
+
+    def __init__(
+        self,
+        paths: list[str],
+        targets: np.ndarray,
+        label_names: list[str],
+        image_size: int,
+        *,
+        augment: Augment | None = None,
+        on_bad_image: str = "error",
+        cache: ResizedCache | None = None,
+        keys: list[str] | None = None,
+    ):
+        if len(paths) != len(targets):
+            raise ValueError(f"{len(paths)} paths but {len(targets)} target rows")
+        self.paths = paths
+        self.keys = keys if keys is not None else paths
+        self.targets = torch.from_numpy(np.asarray(targets, dtype=np.float32))
+        self.label_names = label_names
+        self.image_size = image_size
+        self.augment = augment
+        self.policy = BadImagePolicy(on_bad_image)
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_resized(self, index: int) -> torch.Tensor:
+        """Decoded and squish-resized image ``index`` (through the pre-resized cache when configured)."""
+        if self.cache is not None:
+            img = self.cache.get(index)
+            if img is not None:
+                return img
+        img = squish_resize(decode_rgb(self.paths[index]), self.image_size)
+        if self.cache is not None:
+            self.cache.put(index, img)
+        return img
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, seed = key if isinstance(key, tuple) else (key, seed_for(0, 0, key))
+        try:
+            img = self.load_resized(index)
+        except BadImageError as e:
+            self.policy.handle(e)
+            return None
+        if self.augment is not None:
+            img = self.augment(img, seed)
+        return img, self.targets[index], index
