@@ -1,4 +1,4 @@
-"""The ``q2l`` command line: it parses, loads the config once, and hands typed objects to the layer that works.
+"""The ``q2l`` command line: it parses, loads the config once, hands typed objects to the working layer.
 
 Imports of the heavy layers happen inside each command so that ``q2l --help`` and config errors are instant.
 """
@@ -11,11 +11,15 @@ import typer
 
 from q2l.config import Config, ConfigError, load_config
 
-app = typer.Typer(help="Query2Label on Ray + MLflow: data, train, tune, promote, predict, bench.", no_args_is_help=True)
+app = typer.Typer(
+    help="Query2Label on Ray + MLflow: data, train, tune, promote, predict, bench.", no_args_is_help=True
+)
 data_app = typer.Typer(help="Data sets: make the demo set, validate a set.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML config under experiments/ (defaults if omitted).")
+CONFIG_OPT = typer.Option(
+    None, "--config", "-c", help="YAML config under experiments/ (defaults if omitted)."
+)
 SET_OPT = typer.Option(None, "--set", "-s", help="Override one key: section.key=value (repeatable).")
 
 
@@ -30,7 +34,9 @@ def _config(config: Path | None, overrides: list[str] | None) -> Config:
 
 @data_app.command("demo")
 def data_demo(
-    out: Path = typer.Option(Path("data/demo"), "--out", help="Folder to write the COCO-layout demo set into."),
+    out: Path = typer.Option(
+        Path("data/demo"), "--out", help="Folder to write the COCO-layout demo set into."
+    ),
     train: int = typer.Option(8000, "--train", min=1, help="Number of training images."),
     val: int = typer.Option(2000, "--val", min=1, help="Number of validation (test) images."),
     size: int = typer.Option(96, "--size", min=32, help="Image side in pixels."),
@@ -50,7 +56,9 @@ def data_demo(
 @data_app.command("validate")
 def data_validate(
     format: str = typer.Option("coco", "--format", help="coco | voc | csv"),
-    annotations: Path | None = typer.Option(None, "--annotations", help="COCO instances JSON, or the CSV/JSONL file."),
+    annotations: Path | None = typer.Option(
+        None, "--annotations", help="COCO instances JSON, or the CSV/JSONL file."
+    ),
     images: Path | None = typer.Option(None, "--images", help="Image folder (COCO, CSV)."),
     root: Path | None = typer.Option(None, "--root", help="VOC: the VOC2007 folder."),
 ) -> None:
@@ -79,11 +87,83 @@ def tune(
     set: list[str] | None = SET_OPT,
     resume: bool = typer.Option(False, "--resume", help="Restore an interrupted sweep of the same name."),
 ) -> None:
-    """Sweep with Ray Tune (Optuna TPE + ASHA); each trial is a Ray Train run; registers the best as challenger."""
+    """Sweep with Ray Tune (Optuna TPE + ASHA); each trial is a Ray Train run; the best becomes challenger."""
     cfg = _config(config, set)
     from q2l.tune import run_sweep
 
     run_sweep(cfg, resume=resume)
+
+
+@app.command()
+def promote(
+    model: str = typer.Option(..., "--model", "-m", help="Registered model name, e.g. q2l-demo."),
+    candidate: str | None = typer.Option(
+        None, "--candidate", help="Version number or @alias to evaluate (default @challenger)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Evaluate and print the table; change nothing."),
+    rollback: bool = typer.Option(False, "--rollback", help="Move @champion back to @previous-champion."),
+    config: Path | None = CONFIG_OPT,
+    set: list[str] | None = SET_OPT,
+) -> None:
+    """Gate a candidate against @champion on the test split and move the aliases.
+
+    Exit code 0 promoted (or would be, with --dry-run), 1 refused (gate or label mismatch), 2 usage error.
+    """
+    cfg = _config(config, set)
+    from q2l.promote import run_promote
+
+    code = run_promote(
+        cfg,
+        model,
+        candidate,
+        dry_run=dry_run,
+        rollback_=rollback,
+        echo=typer.echo,
+        error=lambda line: typer.secho(line, fg=typer.colors.RED, err=True),
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+    model: str = typer.Option(
+        ...,
+        "--model",
+        "-m",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, or a checkpoint (best.pt).",
+    ),
+    top_k: int | None = typer.Option(None, "--top-k", min=1, help="Show at most K labels per image."),
+    threshold: float | None = typer.Option(
+        None, "--threshold", min=0.0, max=1.0, help="Show labels with probability >= T (0.5 unless --top-k)."
+    ),
+    format: str = typer.Option("table", "--format", help="table | json | csv"),
+    explain: Path | None = typer.Option(
+        None, "--explain", help="Folder for per-image attention-map figures (PNG), one panel per shown label."
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
+    config: Path | None = CONFIG_OPT,
+    set: list[str] | None = SET_OPT,
+) -> None:
+    """Label images with a registered model or a training checkpoint; unreadable images are listed, not fatal.
+
+    Exit code 0 when images were labelled, 1 when none could be read, 2 usage error.
+    """
+    cfg = _config(config, set)
+    from q2l.predict import run_predict
+    from q2l.tracking import tracking_uri
+
+    code = run_predict(
+        model,
+        images,
+        top_k=top_k,
+        threshold=threshold,
+        fmt=format,
+        explain_dir=explain,
+        batch_size=batch_size,
+        tracking_uri=tracking_uri(cfg),
+    )
+    raise typer.Exit(code)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ YAML file, applies ``section.key=value`` overrides and validates every key, type
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -247,9 +248,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    elif tp is str and isinstance(value, str):
+        return value
     raise ConfigError(f"{source}: {key} = {value!r} must be of type {_type_name(tp)}")
 
 
@@ -292,14 +292,18 @@ def _check_consistency(cfg: Config, source: str) -> None:
     m = cfg.model
     if m.hidden_dim % m.num_heads:
         raise ConfigError(
-            f"{source}: model.hidden_dim = {m.hidden_dim} must be divisible by model.num_heads = {m.num_heads}"
+            f"{source}: model.hidden_dim = {m.hidden_dim} must divide by by model.num_heads = {m.num_heads}"
         )
     if m.hidden_dim % 2:
         raise ConfigError(f"{source}: model.hidden_dim = {m.hidden_dim} must be even (2-D sine positions)")
     if cfg.data.format == "csv" and not (cfg.data.train_file and cfg.data.test_file):
-        raise ConfigError(f"{source}: data.train_file and data.test_file are required when data.format = 'csv'")
+        raise ConfigError(
+            f"{source}: data.train_file and data.test_file are required when data.format = 'csv'"
+        )
     if cfg.train.precision == "fp16" and not cfg.ray.use_gpu:
-        raise ConfigError(f"{source}: train.precision = 'fp16' needs a GPU (ray.use_gpu = true); use 'bf16' on CPU")
+        raise ConfigError(
+            f"{source}: train.precision = 'fp16' needs a GPU (ray.use_gpu = true); use 'bf16' on CPU"
+        )
 
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -320,7 +324,7 @@ def config_from_dict(raw: dict[str, Any] | None, source: str = "<dict>") -> Conf
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"optim.lr=3e-4"`` → ``("optim.lr", 3e-4)``; the value is parsed as YAML (so 1e-4, true, [a, b] work)."""
+    """``"optim.lr=3e-4"`` → ``("optim.lr", 3e-4)``; the value is parsed as YAML (1e-4, true, [a, b])."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected section.key=value")
@@ -330,10 +334,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {text!r}: value is not valid YAML ({e})") from None
     # YAML 1.1 reads "1e-4" as a string: accept plain numbers written that way
     if isinstance(parsed, str):
-        try:
+        with contextlib.suppress(ValueError):
             parsed = float(parsed) if any(c in parsed for c in ".eE") else int(parsed)
-        except ValueError:
-            pass
     return key.strip(), parsed
 
 
