@@ -294,8 +294,8 @@ def _check_consistency(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: model.hidden_dim = {m.hidden_dim} must divide by by model.num_heads = {m.num_heads}"
         )
-    if m.hidden_dim % 2:
-        raise ConfigError(f"{source}: model.hidden_dim = {m.hidden_dim} must be even (2-D sine positions)")
+    if m.hidden_dim % 4:
+        raise ConfigError(f"{source}: model.hidden_dim = {m.hidden_dim} is not a multiple of 4")
     if cfg.data.format == "csv" and not (cfg.data.train_file and cfg.data.test_file):
         raise ConfigError(
             f"{source}: data.train_file and data.test_file are required when data.format = 'csv'"
