@@ -76,9 +76,18 @@ def data_validate(
 def train(config: Path | None = CONFIG_OPT, set: list[str] | None = SET_OPT) -> None:
     """Train one run on Ray Train (DDP workers), recorded in MLflow."""
     cfg = _config(config, set)
-    from q2l.train import run_training
+    from q2l.data import DataError
+    from q2l.tracking import TrackingUnavailableError
+    from q2l.train import TrainingRunError, run_training
 
-    run_training(cfg)
+    try:
+        run_training(cfg)
+    except (TrackingUnavailableError, DataError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    except TrainingRunError as e:
+        typer.secho(str(e), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -89,9 +98,16 @@ def tune(
 ) -> None:
     """Sweep with Ray Tune (Optuna TPE + ASHA); each trial is a Ray Train run; the best becomes challenger."""
     cfg = _config(config, set)
+    from q2l.tracking import TrackingUnavailableError
     from q2l.tune import run_sweep
 
-    run_sweep(cfg, resume=resume)
+    try:
+        run_sweep(cfg, resume=resume)
+    except (ConfigError, TrackingUnavailableError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 @app.command()

@@ -1,0 +1,338 @@
+"""What a training run records in MLflow (rank 0 only): params, tags, per-epoch metrics, evaluation artifacts.
+
+``RunRecorder`` owns one MLflow run for one Ray Train run: it opens a new run or continues the one whose id
+the checkpoint carries (a restored run keeps one MLflow run), logs each epoch once with ``step=epoch``
+(epochs already logged by an earlier attempt are skipped, so there are no gaps or duplicates), and ends the
+run FINISHED or FAILED with the error. The artifact writers are plain functions (CSV, matplotlib Agg).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from q2l.config import Config
+from q2l.engine import EpochResult
+from q2l.metrics import MetricSummary
+from q2l.tracking import flat_params, tracking_uri, version_tags
+
+# held-out metrics logged per epoch, taken from whichever of model / EMA scored the higher mAP that epoch
+HOLDOUT_KEYS = ("cp", "cr", "cf1", "op", "or", "of1", "cf1_top3", "of1_top3")
+EPOCH_MARKER = "train_loss"  # logged with every epoch in one batch: its history says which epochs are in
+LAUNCH_TAG = "q2l.launch_id"
+ERROR_TAG = "q2l.error"
+_MAX_BATCH = 100  # MLflow's limit of params (and of tags) per log_batch call
+_TAG_MAX_CHARS = 5000
+
+
+def _float_or_nan(x: float | None) -> float:
+    return float(x) if x is not None else math.nan
+
+
+def epoch_metrics(result: EpochResult) -> dict[str, float]:
+    """The per-epoch MLflow metrics of an engine ``EpochResult`` (names shared with Ray's report)."""
+    train = result.train
+    model_map = result.holdout.map
+    ema_map = result.holdout_ema.map if result.holdout_ema is not None else math.nan
+    use_ema = result.holdout_ema is not None and not math.isnan(ema_map) and ema_map > model_map
+    better = (result.holdout_ema if use_ema else result.holdout).as_dict()
+    out = {
+        "train_loss": float(train["loss"]),
+        "lr": float(train["lr"]),
+        "images_per_s": float(train["images_per_s"]),
+        "steady_images_per_s": _float_or_nan(train.get("steady_images_per_s")),
+        "epoch_seconds": float(train["seconds"]),
+        "skipped_images": float(train.get("skipped_images", 0)),
+        "holdout_map": float(result.holdout_map),
+        "holdout_map_model": float(model_map),
+        "holdout_map_ema": float(ema_map),
+        "holdout_best_is_ema": 1.0 if use_ema else 0.0,
+        "best_holdout_map": float(result.best_map),
+    }
+    out.update({f"holdout_{k}": better[k] for k in HOLDOUT_KEYS})
+    return out
+
+
+def best_and_worst(per_class_ap: torch.Tensor, k: int = 3) -> tuple[list[int], list[int]]:
+    """Indices of the ``k`` classes with the highest and the lowest AP (classes without AP left out)."""
+    ap = per_class_ap.double()
+    valid = [i for i in range(len(ap)) if not math.isnan(ap[i].item())]
+    ranked = sorted(valid, key=lambda i: ap[i].item(), reverse=True)
+    k = min(k, len(ranked) // 2) if len(ranked) > 1 else len(ranked)
+    return ranked[:k], ranked[::-1][:k]
+
+
+def precision_recall_curve(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall at every distinct score threshold of one class (unknown targets -1 ignored)."""
+    keep = targets >= 0
+    s, y = scores[keep].astype(np.float64), (targets[keep] > 0).astype(np.float64)
+    if y.sum() == 0:
+        raise ValueError("precision_recall_curve: the class has no positive example")
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # tied scores form one threshold
+    tp = np.cumsum(y)[last_of_tie]
+    predicted = last_of_tie + 1
+    precision = np.r_[1.0, tp / predicted]
+    recall = np.r_[0.0, tp / y.sum()]
+    return precision, recall
+
+
+def write_ap_table(
+    path: str | Path, label_names: Sequence[str], summary: MetricSummary, targets: torch.Tensor
+) -> Path:
+    """CSV with one row per class: name, AP (0-100, empty when undefined), positives, rank by AP."""
+    path = Path(path)
+    ap = summary.per_class_ap.double()
+    positives = (targets > 0).sum(0).tolist()
+    order = sorted(range(len(ap)), key=lambda i: -ap[i].item() if not math.isnan(ap[i].item()) else math.inf)
+    rank = {c: r + 1 for r, c in enumerate(order)}
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class_index", "class", "ap", "positives", "rank"])
+        for i, name in enumerate(label_names):
+            value = ap[i].item()
+            w.writerow([i, name, "" if math.isnan(value) else f"{100 * value:.4f}", positives[i], rank[i]])
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on workers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ap_bars(
+    path: str | Path, label_names: Sequence[str], per_class_ap: torch.Tensor, title: str
+) -> Path:
+    """Horizontal bar chart of per-class AP, best at the top; classes without AP are left out."""
+    plt = _pyplot()
+    ap = per_class_ap.double()
+    items = sorted(
+        ((label_names[i], 100 * ap[i].item()) for i in range(len(ap)) if not math.isnan(ap[i].item())),
+        key=lambda t: t[1],
+    )
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(items) + 1)))
+    try:
+        ax.barh([n for n, _ in items], [v for _, v in items], color="#4C72B0")
+        mean = float(np.mean([v for _, v in items])) if items else math.nan
+        ax.axvline(mean, color="#C44E52", linestyle="--", label=f"mAP {mean:.1f}")
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("average precision (%)")
+        ax.set_title(title)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def plot_pr_curves(
+    path: str | Path,
+    scores: torch.Tensor,
+    targets: torch.Tensor,
+    label_names: Sequence[str],
+    best: Sequence[int],
+    worst: Sequence[int],
+    title: str,
+) -> Path:
+    """Precision-recall curves of the best (solid) and worst (dashed) classes by AP."""
+    plt = _pyplot()
+    s, t = scores.double().numpy(), targets.numpy()
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    try:
+        for classes, style, group in ((best, "-", "best"), (worst, "--", "worst")):
+            for c in classes:
+                p, r = precision_recall_curve(s[:, c], t[:, c])
+                ax.step(r, p, where="pre", linestyle=style, label=f"{group}: {label_names[c]}")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_title(title)
+        ax.legend(loc="lower left", fontsize="small")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+class RunRecorder:
+    """One MLflow run for one training run, driven from rank 0 (see the module docstring)."""
+
+    def __init__(self, cfg: Config):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.cfg = cfg
+        self.uri = tracking_uri(cfg)
+        mlflow.set_tracking_uri(self.uri)  # inside the worker: the driver's setting does not travel
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.logged_steps: set[int] = set()
+
+    def open(
+        self,
+        experiment_id: str,
+        *,
+        run_id: str | None,
+        run_name: str,
+        launch_id: str,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
+        """Continue ``run_id`` or the run an earlier attempt of this launch created, else create one.
+
+        Makes it the active run (``q2l.packaging.log_model`` logs there), logs params, tags and the
+        resolved config; returns the run id.
+        """
+        import mlflow
+
+        if run_id is None:
+            # an attempt of this same launch that died before its first checkpoint already made a run
+            found = self.client.search_runs(
+                [experiment_id], filter_string=f"tags.`{LAUNCH_TAG}` = '{launch_id}'", max_results=1
+            )
+            run_id = found[0].info.run_id if found else None
+        all_tags = {**version_tags(), **(tags or {}), LAUNCH_TAG: launch_id}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        if run_id is None:
+            run_id = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        else:
+            self.logged_steps = {m.step for m in self.client.get_metric_history(run_id, EPOCH_MARKER)}
+            if ERROR_TAG in self._tags(run_id):
+                self.client.delete_tag(run_id, ERROR_TAG)  # an earlier attempt failed; this one continues
+            self._log_tags(run_id, all_tags)
+        self.run_id, self.experiment_id = run_id, experiment_id
+        mlflow.start_run(run_id=run_id)
+        self._log_params(run_id)
+        self.client.log_text(run_id, self.cfg.to_yaml(), "config.yaml")
+        return run_id
+
+    def _tags(self, run_id: str) -> dict[str, str]:
+        return self.client.get_run(run_id).data.tags
+
+    def _log_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:_TAG_MAX_CHARS]) for k, v in tags.items()]
+        for i in range(0, len(items), _MAX_BATCH):
+            self.client.log_batch(run_id, tags=items[i : i + _MAX_BATCH])
+
+    def _log_params(self, run_id: str) -> None:
+        """Params once; on a continued run only new keys (MLflow params are immutable), changes as tags."""
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        params = flat_params(self.cfg)
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        for i in range(0, len(new), _MAX_BATCH):
+            self.client.log_batch(run_id, params=new[i : i + _MAX_BATCH])
+        changed = {
+            f"q2l.changed_param.{k}": v for k, v in params.items() if k in existing and existing[k] != v
+        }
+        if changed:
+            self._log_tags(run_id, changed)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values as text)."""
+        self._log_tags(self.run_id, {k: str(v) for k, v in tags.items()})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> bool:
+        """Log ``metrics`` at ``step`` in one batch unless that step is already logged; True if logged."""
+        from mlflow.entities import Metric
+
+        if step in self.logged_steps:
+            return False
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
+        self.logged_steps.add(step)
+        return True
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload one file into the run's artifacts."""
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def has_metric(self, key: str, step: int) -> bool:
+        """True when ``key`` already has a value at ``step`` (a restarted final phase must not log twice)."""
+        return any(m.step == step for m in self.client.get_metric_history(self.run_id, key))
+
+    def has_model(self, name: str) -> bool:
+        """True when this run already logged a model ``name`` (a restarted final phase must not log twice)."""
+        found = self.client.search_logged_models(
+            [self.experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND name = '{name}'"
+        )
+        return len(found) > 0
+
+    def finish(self) -> None:
+        """End the run FINISHED."""
+        import mlflow
+
+        mlflow.end_run("FINISHED")
+
+    def fail(self, error: BaseException) -> None:
+        """End the run FAILED with the error text as tag ``q2l.error``; never raises (already failing)."""
+        import mlflow
+
+        try:
+            if self.run_id is not None:
+                self._log_tags(self.run_id, {ERROR_TAG: f"{type(error).__name__}: {error}"})
+            mlflow.end_run("FAILED")
+        except Exception:  # noqa: BLE001 - the original error matters more than a logging failure
+            pass
+
+
+def log_evaluation(
+    recorder: RunRecorder,
+    workdir: str | Path,
+    split: str,
+    scores: torch.Tensor,
+    targets: torch.Tensor,
+    summary: MetricSummary,
+    label_names: Sequence[str],
+    step: int,
+) -> None:
+    """Metrics (``{split}_*`` at ``step``), per-class AP CSV + bar chart and PR curves of one split."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not recorder.has_metric(f"{split}_map", step):
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = summary.as_dict(prefix=f"{split}_").items()
+        recorder.client.log_batch(recorder.run_id, metrics=[Metric(k, v, now, step) for k, v in items])
+    table = write_ap_table(workdir / f"{split}_per_class_ap.csv", label_names, summary, targets)
+    bars = plot_ap_bars(
+        workdir / f"{split}_per_class_ap.png",
+        label_names,
+        summary.per_class_ap,
+        f"{split} per-class AP (mAP {summary.map:.1f}, {summary.num_samples} images)",
+    )
+    best, worst = best_and_worst(summary.per_class_ap)
+    curves = plot_pr_curves(
+        workdir / f"{split}_pr_curves.png",
+        scores,
+        targets,
+        label_names,
+        best,
+        worst,
+        f"{split}: precision-recall, best and worst classes",
+    )
+    for f in (table, bars, curves):
+        recorder.log_artifact(f, "evaluation")

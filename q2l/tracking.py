@@ -1,0 +1,176 @@
+"""MLflow helpers shared by the train, tune and registry layers: where runs are recorded, and checks on it.
+
+The embedded default (no ``mlflow.tracking_uri``) is a SQLite store under the results folder with artifacts
+next to it; experiments are created with that explicit artifact location, because otherwise artifacts land
+in the current folder of whichever Ray worker logs them (DESIGN §7).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shlex
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from q2l.config import Config
+
+PARAM_MAX_CHARS = 500
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking store cannot be reached or used; the message names the URI."""
+
+
+def _has_scheme(path: str) -> bool:
+    return "://" in path
+
+
+def results_dir(cfg: Config) -> str:
+    """``mlflow.results_dir`` made absolute against the current folder (URIs are returned unchanged)."""
+    d = cfg.mlflow.results_dir
+    return d if _has_scheme(d) else str(Path(d).expanduser().resolve())
+
+
+def tracking_uri(cfg: Config) -> str:
+    """``mlflow.tracking_uri``, else ``sqlite:///<abs results_dir>/mlflow/mlflow.db``."""
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    root = results_dir(cfg)
+    if _has_scheme(root):
+        raise TrackingUnavailableError(
+            f"mlflow.results_dir = {root!r} is remote: set mlflow.tracking_uri to an MLflow server for it"
+        )
+    return f"sqlite:///{root}/mlflow/mlflow.db"
+
+
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+def artifact_location(cfg: Config) -> str | None:
+    """Where new experiments keep artifacts: the server decides for http(s) URIs, else the results folder."""
+    if _is_server(tracking_uri(cfg)):
+        return None
+    return f"{results_dir(cfg)}/mlflow/artifacts"
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(cfg: Config) -> str:
+    """The id of experiment ``mlflow.experiment``, created (with an explicit artifact location) if missing."""
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(cfg)
+    name = cfg.mlflow.experiment
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(cfg))
+        except MlflowException:
+            # another process (a parallel trial) created it in between
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        raise TrackingUnavailableError(
+            f"MLflow experiment {name!r} at {uri} is deleted: restore it (mlflow experiments restore "
+            f"--experiment-id {exp.experiment_id}) or set mlflow.experiment to another name"
+        )
+    return exp.experiment_id
+
+
+def _check_http(uri: str, timeout_s: float) -> None:
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            if resp.status != 200:
+                raise TrackingUnavailableError(
+                    f"MLflow tracking server {uri} answered {resp.status} on /health"
+                )
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {uri} is not reachable ({reason}); start it or fix mlflow.tracking_uri"
+        ) from None
+
+
+def check_reachable(cfg: Config, timeout_s: float = 30.0) -> None:
+    """Raise ``TrackingUnavailableError`` (naming the URI) unless the store answers within ``timeout_s``.
+
+    Servers get a direct ``/health`` probe first, because MLflow's own client retries with back-off for
+    minutes. Then the experiment is looked up (or created) in a helper thread bounded by ``timeout_s``.
+    """
+    uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        _check_http(uri, min(timeout_s, 5.0))
+    outcome: dict[str, Any] = {}
+
+    def probe() -> None:
+        try:
+            outcome["id"] = ensure_experiment(cfg)
+        except Exception as e:  # noqa: BLE001 - reported below with the URI
+            outcome["error"] = e
+
+    t = threading.Thread(target=probe, name="mlflow-probe", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise TrackingUnavailableError(f"MLflow tracking store {uri} did not answer within {timeout_s:.0f} s")
+    err = outcome.get("error")
+    if isinstance(err, TrackingUnavailableError):
+        raise err
+    if err is not None:
+        raise TrackingUnavailableError(f"MLflow tracking store {uri} is not usable: {err}") from err
+
+
+def ui_command(cfg: Config) -> str:
+    """How to look at the runs: an ``mlflow ui`` command line, or the server's address."""
+    uri = tracking_uri(cfg)
+    if _is_server(uri):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1"
+
+
+def flat_params(cfg: Config) -> dict[str, str]:
+    """The resolved config as MLflow params: ``section.key`` → value text (at most 500 characters)."""
+    out = {}
+    for key, value in cfg.flat().items():
+        text = "None" if value is None else str(value)
+        if len(text) > PARAM_MAX_CHARS:
+            text = text[: PARAM_MAX_CHARS - 3] + "..."
+        out[key] = text
+    return out
+
+
+def version_tags() -> dict[str, str]:
+    """``q2l.version.<dist>`` tags for the libraries that decide a run's numbers."""
+    tags = {}
+    for dist in ("q2l", "torch", "ray", "timm", "mlflow"):
+        try:
+            tags[f"q2l.version.{dist}"] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return tags
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    """The commit checked out where ``path`` (default: this package) lives, or None outside a git repo."""
+    where = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None

@@ -1,0 +1,337 @@
+"""Real sweeps: local Ray, Ray Train trials on the tiny demo set, a SQLite MLflow store under tmp_path.
+
+Sweeps run through the CLI in a subprocess (``q2l tune``), as users run them: each gets its own local Ray
+(so these tests also cover its start-up), and the interrupt test can send it a real SIGINT. The job test
+starts its own head with ``ray start --head --block`` and stops it by its pid.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from q2l.config import Config, ConfigError
+from q2l.search_space import parse_space
+from q2l.tracking import tracking_uri
+
+REPO = Path(__file__).resolve().parents[1]
+BAD_BACKBONE = "resnet_that_does_not_exist"
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_config(base: Config, tmp_path: Path, **tune) -> Path:
+    """``base`` (the tiny plumbing config) as a 1-worker sweep config file under ``tmp_path``."""
+    cfg = base.replace(
+        {
+            "ray.num_workers": 1,
+            "train.epochs": 2,
+            "tune.searcher": "random",
+            "tune.space": {
+                "loss.gamma_neg": {"uniform": [0, 4]},
+                "optim.lr": {"loguniform": [3e-4, 3e-3]},
+            },
+            **{f"tune.{k}": v for k, v in tune.items()},
+        }
+    )
+    path = tmp_path / "sweep.yaml"
+    path.write_text(cfg.to_yaml())
+    return path
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def q2l_tune(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "q2l.cli", "tune", "--config", str(config), *args]
+
+
+def client_for(cfg: Config):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    return client, client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
+
+
+def sweep_runs(cfg: Config):
+    """(parent runs, child runs) of the experiment."""
+    client, exp = client_for(cfg)
+    runs = client.search_runs([exp])
+    parents = [r for r in runs if r.data.tags.get("q2l.kind") == "sweep"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def seed_with_one_bad_backbone(cfg: Config, n: int) -> int:
+    """A seed whose first ``n`` random draws contain the bad backbone exactly once, the good one first."""
+    space = parse_space(cfg)
+    for seed in range(200):
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+        picks = []
+        for _ in range(n):
+            trial = study.ask()
+            space(trial)
+            picks.append(trial.params["model.backbone"])
+        if picks[0] == "resnet18" and picks.count(BAD_BACKBONE) == 1:
+            return seed
+    raise AssertionError("no seed draws the bad backbone exactly once")
+
+
+def test_sweep_with_asha_records_trials_survives_a_bad_trial_and_registers_challenger(
+    mlflow_tmp_config, tmp_path
+):
+    space = {
+        "model.backbone": {"choice": ["resnet18", BAD_BACKBONE]},
+        "loss.gamma_neg": {"uniform": [0, 4]},
+        "optim.lr": {"loguniform": [3e-4, 3e-3]},
+    }
+    probe = mlflow_tmp_config.replace({"tune.space": space})
+    seed = seed_with_one_bad_backbone(probe, 3)
+    config = sweep_config(
+        mlflow_tmp_config, tmp_path, num_samples=3, scheduler="asha", grace_period=1, seed=seed, space=space
+    )
+    cfg = mlflow_tmp_config
+    t0 = time.monotonic()
+    out = subprocess.run(q2l_tune(config), env=cli_env(), capture_output=True, text=True, timeout=540)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-5000:]
+    print(f"3-trial sweep: {time.monotonic() - t0:.0f} s")
+    assert "up to 2 at once" in out.stdout  # 2 CPUs, 1 worker per trial, drivers hold no CPU
+
+    parents, children = sweep_runs(cfg)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert len(children) == 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert len({c.data.tags["q2l.trial_id"] for c in children}) == 3
+
+    # the bad backbone: the trial failed with an error that says so; the sweep went on
+    failed = [c for c in children if c.data.tags["q2l.trial_status"] == "failed"]
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    assert f"'{BAD_BACKBONE}' is not a timm model name" in failed[0].data.tags["q2l.error"]
+    assert failed[0].data.params["model.backbone"] == BAD_BACKBONE
+
+    client, _ = client_for(cfg)
+    epochs_run = 0
+    for child in children:
+        if child in failed:
+            continue
+        assert child.info.status == "FINISHED"
+        history = client.get_metric_history(child.info.run_id, "holdout_map")
+        assert sorted(m.step for m in history) == list(range(1, len(history) + 1))  # each epoch once
+        stopped = child.data.tags["q2l.stopped_by_asha"] == "true"
+        # ASHA stops a trial at its epoch-1 rung, never at the last epoch (which ends with the test split)
+        assert len(history) == (1 if stopped else 2)
+        assert ("test_map" in child.data.metrics) != stopped
+        epochs_run += len(history)
+    metrics = parent.data.metrics
+    assert metrics["trials_failed"] == 1 and metrics["trials_completed"] + metrics["trials_stopped"] == 2
+    assert metrics["epochs_run"] == epochs_run and metrics["epoch_budget"] == 4
+
+    # leaderboard, plots, config and space on the parent run
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {
+        "leaderboard.csv",
+        "leaderboard.md",
+        "search_space.yaml",
+        "sweep_config.yaml",
+        "best_config.yaml",
+    } <= (artifacts)
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/intermediate_values.png"} <= plots
+    board = Path(client.download_artifacts(parent.info.run_id, "leaderboard.csv", str(tmp_path)))
+    lines = board.read_text().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("rank,trial,backbone,width,gamma_neg")
+    assert BAD_BACKBONE in lines[-1] and "failed" in lines[-1]  # failures rank last
+    assert parent.data.params["sweep.searcher"] == "optuna-random"
+    assert parent.data.params["sweep.scheduler"] == "asha"
+
+    # the best trial's model is the new challenger, with its lineage
+    mv = client.get_model_version_by_alias("q2l-demo", "challenger")
+    best = parent.data.tags["q2l.best_run_id"]
+    assert mv.run_id == best and mv.tags["q2l.parent_run_id"] == parent.info.run_id
+    assert mv.tags["q2l.trial_id"] == parent.data.tags["q2l.best_trial"]
+    assert float(mv.tags["q2l.holdout_map"]) == pytest.approx(metrics["best_holdout_map"], abs=1e-3)
+    assert float(mv.tags["q2l.test_map"]) > 0 and "Best trial" in mv.description
+    assert "registered q2l-demo version 1" in out.stdout and "leaderboard" in out.stdout
+
+
+def progress_rows(sweep_dir: Path) -> dict[str, int]:
+    """Tune's result rows per trial folder (a trial trained again would add rows)."""
+    return {p.parent.name: len(p.read_text().splitlines()) for p in sweep_dir.glob("trial-*/result.json")}
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(mlflow_tmp_config, tmp_path):
+    cfg = mlflow_tmp_config
+    config = sweep_config(
+        cfg, tmp_path, num_samples=2, max_concurrent_trials=1, scheduler="none", name="resumable"
+    )
+    log_file = tmp_path / "sweep.log"  # a file, not a pipe: nobody reads a pipe while we wait
+    with log_file.open("w") as out:
+        proc = subprocess.Popen(q2l_tune(config), env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
+    sweep_dir = Path(cfg.ray.storage_path) / "resumable"
+    try:
+        # one trial at a time: once the second trial's folder exists, the first has finished. (Files, not
+        # MLflow: a client opening the SQLite store while the sweep creates it would race the schema.)
+        deadline = time.monotonic() + 420
+        while len(list(sweep_dir.glob("trial-*"))) < 2:
+            assert proc.poll() is None, f"ended before the interrupt:\n{log_file.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = log_file.read_text()
+    assert proc.returncode != 0, log[-4000:]
+    assert "continue it with --resume" in log
+    parents, _ = sweep_runs(cfg)
+    assert len(parents) == 1 and parents[0].info.status == "KILLED"
+    finished = [c for c in sweep_runs(cfg)[1] if c.info.status == "FINISHED"]
+    assert len(finished) == 1
+    first = finished[0]
+    rows_before = progress_rows(sweep_dir)
+    first_dir = f"trial-{first.data.tags['q2l.trial_id']}"
+    assert rows_before[first_dir] == 3  # two epochs and the final (test) report
+
+    out = subprocess.run(
+        q2l_tune(config, "--resume"), env=cli_env(), capture_output=True, text=True, timeout=420
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    parents, children = sweep_runs(cfg)
+    assert len(parents) == 1 and parents[0].info.run_id == first.data.tags["mlflow.parentRunId"]
+    assert parents[0].info.status == "FINISHED"
+    assert parents[0].data.metrics["trials_completed"] == 2
+    finished_runs = [c for c in children if c.info.status == "FINISHED"]
+    assert len({c.data.tags["q2l.trial_id"] for c in finished_runs}) == 2
+    # the finished trial was not trained again: same run, same end, same two epochs
+    client, _ = client_for(cfg)
+    again = client.get_run(first.info.run_id)
+    assert again.info.end_time == first.info.end_time
+    assert [m.step for m in client.get_metric_history(first.info.run_id, "train_loss")] == [1, 2]
+    assert progress_rows(sweep_dir)[first_dir] == rows_before[first_dir]
+    assert client.get_model_version_by_alias("q2l-demo", "challenger").tags["q2l.parent_run_id"] == (
+        parents[0].info.run_id
+    )
+
+
+def test_bad_space_fails_before_ray_starts(mlflow_tmp_config):
+    import ray
+
+    from q2l.tune import run_sweep
+
+    cfg = mlflow_tmp_config.replace({"tune.space": {"model.hidden_dim": {"int": [31, 33]}}})
+    ray_before = ray.is_initialized()  # another test file's session Ray may be up
+    with pytest.raises(ConfigError, match="tune.space.model.hidden_dim: value 31 is invalid"):
+        run_sweep(cfg)
+    assert ray.is_initialized() == ray_before
+    assert not Path(cfg.ray.storage_path).exists()
+
+
+# ------------------------------------------------------------------------------------------ ray job submit
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def test_sweep_submitted_as_a_ray_job_to_a_head_started_here(mlflow_tmp_config, tmp_path):
+    cfg = mlflow_tmp_config
+    config = sweep_config(cfg, tmp_path, num_samples=2, scheduler="none", name="jobsweep")
+    # a short temp dir: Ray's socket paths must stay under 107 characters
+    ray_tmp = tempfile.mkdtemp(prefix="q2l-head-", dir="/tmp")
+    dashboard = free_port()
+    env = cli_env(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # the job runs `q2l` from here
+        RAY_TMPDIR=ray_tmp,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(16),  # our own token: ~/.ray/auth_token is left alone
+        RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}",  # for `ray job` and the head's processes
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="1",
+        Q2L_JOB_ID=f"q2l-test-{secrets.token_hex(4)}",
+    )
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={free_port()}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: stopped below by its pid, never `ray stop`
+    )
+    try:
+
+        def jobs_api_up() -> bool:
+            assert head.poll() is None, head.stdout.read()[-3000:]
+            r = subprocess.run(
+                [str(Path(sys.executable).parent / "ray"), "job", "list"],
+                env=env,
+                capture_output=True,
+                timeout=60,
+            )
+            return r.returncode == 0
+
+        wait_for(jobs_api_up, 120, "the head's jobs API")
+        out = subprocess.run(
+            [str(REPO / "experiments/jobs/submit_sweep.sh"), str(config)],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=480,
+        )
+        log = out.stdout + out.stderr
+        assert out.returncode == 0, log[-5000:]
+        assert f"Job '{env['Q2L_JOB_ID']}' succeeded" in log
+        assert "sweep jobsweep: 2 trials on the Ray cluster" in out.stdout  # followed logs of the job
+        parents, children = sweep_runs(cfg)
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+        assert (Path(cfg.ray.storage_path) / "jobsweep" / "q2l_sweep.json").is_file()  # results came home
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    # everything the head started is gone
+    wait_for(
+        lambda: subprocess.run(["pgrep", "-g", str(head.pid)], capture_output=True).returncode == 1,
+        30,
+        "exit",
+    )
