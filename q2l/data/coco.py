@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pycocotools.coco import COCO
 
 from q2l.data.table import DataError, LabelTable, file_sha256, load_cached_table, save_cached_table
 
@@ -84,6 +83,9 @@ def _parse(path: Path, include_unannotated: bool) -> tuple[list[str], np.ndarray
         more = f" (and {len(problems) - 1} more; run `q2l data validate`)" if len(problems) > 1 else ""
         raise DataError(problems[0] + more)
     d.setdefault("annotations", [])
+    # imported here so that the loaders and transforms import where pycocotools is absent (GPU images)
+    from pycocotools.coco import COCO
+
     coco = COCO()
     coco.dataset = d
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
