@@ -7,7 +7,8 @@ FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_DATA := data/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo train test test-fast lint bench clean
+
+.PHONY: setup setup-dev demo train test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +23,18 @@ $(FMNIST):
 	  echo "Fashion-MNIST is missing: install Debian's package 'dataset-fashion-mnist' (sudo apt-get install dataset-fashion-mnist)"; exit 1; \
 	fi
 
+# The production-shaped stack's tests (cluster/local) need PostgreSQL and a few system tools.
+DEBIAN_TOOLS := /usr/lib/postgresql /usr/bin/curl /usr/bin/ss /usr/bin/setsid
+$(DEBIAN_TOOLS):
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq postgresql curl iproute2 util-linux || (apt-get update -qq && apt-get install -y -qq postgresql curl iproute2 util-linux)) >/dev/null; \
+	else \
+	  echo "missing $@: install Debian's postgresql curl iproute2 util-linux"; exit 1; \
+	fi
+
 setup: $(STAMP) $(FMNIST)
+
+setup-dev: setup $(DEBIAN_TOOLS)
 
 $(DEMO_DATA)/annotations/instances_val2014.json: | setup
 	$(VENV)/bin/q2l data demo --out $(DEMO_DATA)
@@ -37,7 +49,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: setup lint
+test: setup-dev lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-fast: setup
