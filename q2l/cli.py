@@ -182,5 +182,20 @@ def predict(
     raise typer.Exit(code)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Run the benchmark suite (parts a-e, seed); arguments go to experiments/benchmarks/suite.py (--help)."""
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "experiments" / "benchmarks" / "suite.py").is_file():
+        typer.secho("q2l bench needs the source checkout", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    sys.path.insert(0, str(repo))
+    from experiments.benchmarks.suite import main
+
+    raise typer.Exit(main(list(ctx.args)))
+
+
 if __name__ == "__main__":
     app()

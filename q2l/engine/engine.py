@@ -36,7 +36,7 @@ from q2l.engine.distributed import (
 )
 from q2l.engine.ema import ModelEma
 from q2l.engine.optim import build_optimizer, build_scheduler
-from q2l.engine.precision import resolve_precision
+from q2l.engine.precision import fp32_depthwise_convs, resolve_precision
 from q2l.engine.seed import derive_seed, seed_everything
 from q2l.metrics import MetricSummary, summarize
 
@@ -135,6 +135,8 @@ class Engine:
         self._std255 = torch.tensor(data_config["std"], device=self.device).view(1, -1, 1, 1) * 255
 
         self.model = model.to(self.device, memory_format=self.precision.memory_format)
+        if self.precision.device_type == "cpu" and self.precision.dtype == torch.bfloat16:
+            fp32_depthwise_convs(self.model)  # before the EMA copy, which inherits it
         self.loss_fn = loss_fn.to(self.device)
         self._ddp = None
         train_model: nn.Module = self.model

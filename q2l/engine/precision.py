@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -103,3 +104,34 @@ def resolve_precision(
     if channels_last is None:
         channels_last = True
     return PrecisionPolicy(kind, dtype, use_scaler=dtype == torch.float16, channels_last=channels_last)
+
+
+class _Fp32Forward:
+    """A module's forward run with CPU autocast off on fp32 input; the output is cast back to the autocast
+    dtype, so the next layer sees what it would have seen without this wrapper."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled("cpu"):
+            return self.forward(x)
+        dtype = torch.get_autocast_dtype("cpu")
+        with torch.autocast("cpu", enabled=False):
+            return self.forward(x.float()).to(dtype)
+
+
+def fp32_depthwise_convs(model: nn.Module) -> int:
+    """Make the depthwise convolutions of ``model`` compute in fp32 under CPU bf16 autocast; returns how many.
+
+    oneDNN's bf16 depthwise convolutions (groups == channels: EfficientNet, MobileNet, ConvNeXt) are slower
+    than its fp32 channels_last ones, backward above all (AVX-512-BF16, one thread, forward + backward per
+    layer: 2-4x), while bf16 pays off for dense and pointwise convolutions and matmuls (3-5x). Parameter
+    names are unchanged (the forward is wrapped, the module stays), and ``copy.deepcopy`` (the EMA) keeps it.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels:
+            module.forward = _Fp32Forward(module.forward)
+            count += 1
+    return count
