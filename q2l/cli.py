@@ -182,9 +182,11 @@ def predict(
     raise typer.Exit(code)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False
+)
 def bench(ctx: typer.Context) -> None:
-    """Run the benchmark suite (parts a-e, seed); arguments go to experiments/benchmarks/suite.py (--help)."""
+    """Benchmarks: q2l bench [PART ...] [OPTIONS]; parts a b c d e seed, `q2l bench --help` for options."""
     import sys
 
     repo = Path(__file__).resolve().parents[1]

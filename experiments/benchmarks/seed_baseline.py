@@ -61,9 +61,14 @@ ensure_data_package()
 
 from q2l.config import Config, DataConfig, config_from_dict  # noqa: E402
 from q2l.data.dataset import MultiLabelDataset  # noqa: E402
-from q2l.data.loaders import auto_num_workers, build_loader  # noqa: E402
+from q2l.data.loaders import auto_num_workers, build_loader  # noqa: E402, F401 (auto_num_workers: for suite.py)
 from q2l.data.transforms import Augment, seed_for  # noqa: E402
-from q2l.engine import Engine, cpu_bf16_supported, resolve_precision, seed_everything  # noqa: E402
+from q2l.engine import (  # noqa: E402, F401 (cpu_bf16_supported: for suite.py, which imports q2l through here)
+    Engine,
+    cpu_bf16_supported,
+    resolve_precision,
+    seed_everything,
+)
 from q2l.losses import build_loss  # noqa: E402
 from q2l.models import build_model  # noqa: E402
 
@@ -79,10 +84,6 @@ ENGINE_VARIANTS = {
     "bf16-nchw": {"precision": "bf16", "channels_last": False},
 }
 VARIANTS = ("seed", *ENGINE_VARIANTS)
-__all__ = [
-    "auto_num_workers",
-    "cpu_bf16_supported",
-]  # re-exported for suite.py (importable without pycocotools)
 SEED_MEAN, SEED_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the seed's v1 Normalize
 SCHEDULE_STEPS = 100_000  # OneCycle length for benchmarks: long enough that any step count fits
 
