@@ -56,6 +56,10 @@ class NonFiniteLossError(RuntimeError):
             " diverged; lower optim.lr, set optim.grad_clip, or use bf16 instead of fp16"
         )
 
+    def __reduce__(self):
+        # picklable with its fields, so the error survives the trip from a Ray worker to the driver
+        return (type(self), (self.epoch, self.step, self.loss, self.global_step))
+
 
 @dataclass
 class Predictions:
