@@ -65,6 +65,7 @@ class TrialRow:
     test_map: float = math.nan  # of the best weights; only trials that ran to the end have one
     epochs: int = 0
     history: list[float] = field(default_factory=list)  # held-out mAP of each epoch
+    train_images: float = 0.0  # images trained on, all epochs and workers
     run_id: str | None = None  # the child MLflow run
     error: str | None = None
     order: int = 0  # creation order in the sweep (Optuna's trial number)
@@ -435,6 +436,8 @@ class SweepSummary:
     epochs_run: int
     epoch_budget: int
     notes: list[str]
+    train_images: float = 0.0
+    train_images_per_s_per_cpu: float = math.nan
 
 
 def record_sweep(
@@ -445,9 +448,11 @@ def record_sweep(
     parent_run_id: str,
     sweep_name: str,
     wall_seconds: float,
+    cpus: float,
 ) -> SweepSummary:
     """Finish the child runs and record the sweep's outcome on the parent run; register the challenger.
 
+    ``cpus`` is what the sweep's concurrent trials held; the sweep's training rate is also given per CPU.
     Idempotent for a resumed sweep that had already finished: the challenger is registered once per parent.
     """
     client = _client(cfg)
@@ -477,7 +482,12 @@ def record_sweep(
         "epoch_budget": budget,
         "epochs_saved": budget - epochs_run,
         "wall_seconds": wall_seconds,
+        "train_images": sum(r.train_images for r in rows),
     }
+    rate = metrics["train_images"] / wall_seconds if wall_seconds > 0 else math.nan
+    metrics.update(
+        {"train_images_per_s": rate, "train_images_per_s_per_cpu": rate / cpus if cpus else math.nan}
+    )
     tags: dict[str, Any] = {}
     if best is not None:
         metrics.update({"best_holdout_map": best.holdout_map, "best_test_map": best.test_map})
@@ -509,4 +519,13 @@ def record_sweep(
     if notes:
         tags["q2l.notes"] = "; ".join(notes)
     _set_tags(client, parent_run_id, tags)
-    return SweepSummary(text, best, registration, epochs_run, budget, notes)
+    return SweepSummary(
+        text,
+        best,
+        registration,
+        epochs_run,
+        budget,
+        notes,
+        metrics["train_images"],
+        metrics["train_images_per_s_per_cpu"],
+    )

@@ -426,6 +426,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch
 
     from q2l.data import build_datasets, build_loader
+    from q2l.data.loaders import plan_cpus
     from q2l.engine import Engine, save_checkpoint, seed_everything
     from q2l.losses import build_loss
     from q2l.models import build_model
@@ -441,7 +442,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    # the cores Ray reserved for this worker, split between the step and the loader workers
+    plan = plan_cpus(cfg.ray.cpus_per_worker, device.type, cfg.data.num_workers)
+    torch.set_num_threads(plan.threads)
     fault = _FaultHook(loop_config.get("fault"), rank)
 
     seed_everything(cfg.train.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
@@ -451,6 +454,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         "rank": rank,
         "world_size": world,
         "pin_memory": device.type == "cuda",
+        "num_workers": plan.loader_workers,
     }
     train_loader = build_loader(splits.train, cfg.data, cfg.train.batch_size, train=True, **loader_kw)
     holdout_loader = build_loader(splits.holdout, cfg.data, cfg.train.batch_size, train=False, **loader_kw)
@@ -591,6 +595,7 @@ def _epoch_report(result, run_id: str) -> dict[str, Any]:
         "best_holdout_map": float(result.best_map),
         "train_loss": float(train["loss"]),
         "lr": float(train["lr"]),
+        "train_images": images,
         "images_per_s": images / seconds if seconds > 0 else math.nan,
         "steady_images_per_s": steady_sum if steady_sum > 0 else math.nan,
         "epoch_seconds": seconds,

@@ -399,11 +399,15 @@ def _trial_rows(grid, base: Config, space: SearchSpace) -> list[sweep_record.Tri
         except (ConfigError, KeyError):
             values = {**base.flat(), **sampled}
         df = result.metrics_dataframe
-        history = []
+        history, train_images = [], 0.0
         if df is not None and "holdout_map" in df and TIME_ATTR in df:
             # the final (test) report repeats the last epoch: one value per epoch
             by_epoch = df.dropna(subset=["holdout_map"]).groupby(TIME_ATTR)["holdout_map"].first()
             history = [float(v) for v in by_epoch.tolist()]
+            if "train_images" in df:
+                train_images = float(
+                    df.dropna(subset=["train_images"]).groupby(TIME_ATTR)["train_images"].first().sum()
+                )
         if result.error is not None:
             status, error = sweep_record.FAILED, sweep_record.error_line(str(result.error))
         elif "test_map" in metrics:
@@ -420,6 +424,7 @@ def _trial_rows(grid, base: Config, space: SearchSpace) -> list[sweep_record.Tri
                 test_map=float(metrics.get("test_map", math.nan)),
                 epochs=int(metrics.get(TIME_ATTR, 0) or 0),
                 history=history,
+                train_images=train_images,
                 run_id=metrics.get("mlflow_run_id"),
                 error=error,
                 order=order,
@@ -493,6 +498,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> SweepOutcome:
 
     with _ray_session() as local:
         plan = plan_resources(cfg, _alive_nodes())
+        cpus = plan.max_concurrent * cfg.ray.num_workers * cfg.ray.cpus_per_worker  # what the trials hold
         where = "a local Ray" if local else "the Ray cluster"
         _say(
             f"sweep {name}: {cfg.tune.num_samples} trials on {where}, up to {plan.max_concurrent} at once "
@@ -569,7 +575,13 @@ def run_sweep(cfg: Config, resume: bool = False) -> SweepOutcome:
     rows = _trial_rows(grid, cfg, space)
     try:
         summary = sweep_record.record_sweep(
-            cfg, rows, space, parent_run_id=parent, sweep_name=name, wall_seconds=state["wall_seconds"]
+            cfg,
+            rows,
+            space,
+            parent_run_id=parent,
+            sweep_name=name,
+            wall_seconds=state["wall_seconds"],
+            cpus=cpus,
         )
     except BaseException:
         sweep_record.set_parent_status(cfg, parent, "FAILED")
@@ -582,6 +594,10 @@ def run_sweep(cfg: Config, resume: bool = False) -> SweepOutcome:
     _say(
         f"epochs run {summary.epochs_run} of {summary.epoch_budget} ({saved} saved by the scheduler); "
         f"wall time {state['wall_seconds'] / 60:.1f} min"
+    )
+    _say(
+        f"trained on {summary.train_images:,.0f} images: {summary.train_images_per_s_per_cpu:.1f} images/s "
+        f"per CPU over the sweep's wall time ({cpus:g} CPUs held by {plan.max_concurrent} trial(s) at once)"
     )
     for note in summary.notes:
         _say(f"note: {note}")

@@ -132,7 +132,7 @@ def test_part_a_tiny_model_writes_table_and_fast_path_check(tmp_path):
     assert len(default["speedup_vs_fp32_per_round"]) == 2 and default["speedup_vs_fp32"] > 0
     assert check["gflop_per_image_fwd"] > 0 and 0 < default["utilisation"] < 1
     assert result["target"] == (2.0 if cpu_bf16_supported() else None)
-    assert result["auto_num_workers"] >= 0 and result["torch_threads"] == 1
+    assert result["cpu_plan"]["loader_workers"] >= 0 and result["torch_threads"] == 1
 
 
 @pytest.mark.slow

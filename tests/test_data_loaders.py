@@ -10,7 +10,7 @@ from torchvision.transforms.v2 import functional as F
 
 from q2l.config import DataConfig
 from q2l.data import build_datasets, build_loader
-from q2l.data.loaders import Batch, auto_num_workers
+from q2l.data.loaders import Batch, CpuPlan, local_cores, plan_cpus
 from q2l.data.transforms import Augment, FastRandAugment, cutout
 
 torch.set_num_threads(1)
@@ -82,9 +82,28 @@ def test_distributed_padding_duplicates_can_be_dropped(tmp_path, train):
     assert sorted(set(all_indices)) == list(range(n))  # dropping duplicates by index gives the set
 
 
-def test_auto_num_workers_leaves_cores_for_training():
-    assert 0 <= auto_num_workers(1) <= 4
-    assert auto_num_workers(10_000) == 0
+def test_cpu_plan_splits_cores_between_step_and_loader():
+    # CPU: in-line loading below 4 cores, one worker per 8 cores above; the step keeps the rest
+    assert plan_cpus(1) == CpuPlan(threads=1, loader_workers=0)
+    assert plan_cpus(2) == CpuPlan(threads=2, loader_workers=0)
+    assert plan_cpus(4) == CpuPlan(threads=3, loader_workers=1)
+    assert plan_cpus(32) == CpuPlan(threads=28, loader_workers=4)
+    assert plan_cpus(0.5) == CpuPlan(threads=1, loader_workers=0)  # a fractional Ray reservation
+    # GPU: one launching thread, every other core loads
+    assert plan_cpus(8, "cuda") == CpuPlan(threads=1, loader_workers=7)
+    assert plan_cpus(1, "cuda") == CpuPlan(threads=1, loader_workers=1)
+    # data.num_workers wins; the step takes what is left
+    assert plan_cpus(8, "cpu", loader_workers=3) == CpuPlan(threads=5, loader_workers=3)
+    assert plan_cpus(2, "cpu", loader_workers=4) == CpuPlan(threads=1, loader_workers=4)
+
+
+def test_build_loader_sizes_workers_from_the_plan(tmp_path):
+    cfg, s = _set(tmp_path, num_workers=None)
+    expected = plan_cpus(local_cores()).loader_workers
+    assert build_loader(s.train, cfg, 4, train=True, seed=0).num_workers == expected
+    assert build_loader(s.train, cfg, 4, train=True, seed=0, num_workers=2).num_workers == 2
+    pinned = build_loader(s.train, cfg, 4, train=True, seed=0, pin_memory=True)
+    assert pinned.num_workers == plan_cpus(local_cores(), "cuda").loader_workers
 
 
 def test_batch_survives_pickling_with_skipped():

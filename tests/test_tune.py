@@ -140,6 +140,13 @@ def test_sweep_with_asha_records_trials_survives_a_bad_trial_and_registers_chall
     metrics = parent.data.metrics
     assert metrics["trials_failed"] == 1 and metrics["trials_completed"] + metrics["trials_stopped"] == 2
     assert metrics["epochs_run"] == epochs_run and metrics["epoch_budget"] == 4
+    # the sweep's training rate per CPU: every epoch of every trial trains on the same whole batches
+    per_epoch = metrics["train_images"] / epochs_run
+    batch = cfg.train.batch_size
+    assert per_epoch > 0 and per_epoch == int(per_epoch) and int(per_epoch) % batch == 0
+    rate = metrics["train_images"] / metrics["wall_seconds"] / 2  # 2 trials of 1 CPU at once
+    assert metrics["train_images_per_s_per_cpu"] == pytest.approx(rate)
+    assert "images/s per CPU over the sweep's wall time (2 CPUs held by 2 trial(s) at once)" in out.stdout
 
     # leaderboard, plots, config and space on the parent run
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}

@@ -61,7 +61,7 @@ ensure_data_package()
 
 from q2l.config import Config, DataConfig, config_from_dict  # noqa: E402
 from q2l.data.dataset import MultiLabelDataset  # noqa: E402
-from q2l.data.loaders import auto_num_workers, build_loader  # noqa: E402, F401 (auto_num_workers: for suite.py)
+from q2l.data.loaders import build_loader, local_cores, plan_cpus  # noqa: E402, F401 (plan: for suite.py)
 from q2l.data.transforms import Augment, seed_for  # noqa: E402
 from q2l.engine import (  # noqa: E402, F401 (cpu_bf16_supported: for suite.py, which imports q2l through here)
     Engine,

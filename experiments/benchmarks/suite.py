@@ -21,9 +21,9 @@ wait on preempted threads at each barrier and the timings say more about the loa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -87,7 +87,7 @@ def part_a(args: argparse.Namespace, out: Path) -> dict:
         f"{speedup:.2f}× wall (median of {args.rounds} rounds), {default['cpu_speedup_vs_fp32']:.2f}× CPU "
         f"time; target {target or '-'}: {verdict}"
     )
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = seed_baseline.local_cores()
     return {
         "train_step": table,
         "fast_path_check": check,
@@ -96,7 +96,7 @@ def part_a(args: argparse.Namespace, out: Path) -> dict:
         "target_met": None if target is None else speedup >= target,
         "cores": cores,
         "torch_threads": torch.get_num_threads(),
-        "auto_num_workers": seed_baseline.auto_num_workers(1),
+        "cpu_plan": dataclasses.asdict(seed_baseline.plan_cpus(cores)),
     }
 
 
@@ -113,12 +113,12 @@ def _demo_root(args: argparse.Namespace) -> Path:
 
 def part_b(args: argparse.Namespace, out: Path) -> dict:
     """The loader benchmark on the demo set, per worker count."""
-    from q2l.data.loaders import auto_num_workers
+    from q2l.data.loaders import local_cores, plan_cpus
 
     from . import loader_bench
 
     root = _demo_root(args)
-    workers = args.workers or [max(1, auto_num_workers(1))]
+    workers = args.workers or [max(1, plan_cpus(local_cores()).loader_workers)]
     rows = []
     for w in workers:
         r = loader_bench.run(root, args.image_size, w, None, batch_size=args.batch_size, images=args.images)
@@ -189,8 +189,8 @@ def part_seed(args: argparse.Namespace, out: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="q2l-bench-jpegs-") as tmp:
         loader = None
         if args.loader_steps > 0:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            workers = args.loader_workers if args.loader_workers is not None else max(1, cores - 1)
+            plan = seed_baseline.plan_cpus(seed_baseline.local_cores(), device.type, args.loader_workers)
+            workers = max(1, plan.loader_workers)
             count = seed_baseline.images_needed(args.batch_size, args.loader_steps, args.loader_warmup)
             print(f"writing {count} synthetic 640×480 JPEGs for the loader-included runs ...")
             loader = seed_baseline.loader_run(tmp, count, workers, args.loader_steps, args.loader_warmup)

@@ -16,7 +16,6 @@ import functools
 import gzip
 import json
 import multiprocessing as mp
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from q2l.data.loaders import local_cores
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = [
@@ -283,8 +284,7 @@ def make_demo_dataset(
     test_x, test_y = load_fashion_mnist(source, "t10k")
     photos = load_photos(min_side=2 * size)
     if workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = min(8, cores)
+        workers = min(8, local_cores())
     out = Path(out)
     n_tr, b_tr = _write_split(out, "train", 0, num_train, photos, train_x, train_y, size, seed, workers)
     n_va, b_va = _write_split(out, "val", 1, num_val, photos, test_x, test_y, size, seed, workers)

@@ -127,6 +127,10 @@ class Engine:
         self.rank, self.world_size = get_rank(), get_world_size()
         tc = cfg.train
         self.precision = resolve_precision(tc.precision, self.device, tc.channels_last)
+        if self.device.type == "cuda":
+            # every training batch has one shape (squish resize): cuDNN times its algorithms once per
+            # shape and keeps the fastest (process-wide, as torch offers it)
+            torch.backends.cudnn.benchmark = True
         self.grad_accum_steps = tc.grad_accum_steps
 
         data_config = getattr(model, "data_config", None)
