@@ -47,6 +47,9 @@ class DataConfig:
     split_seed: int = 0
     on_bad_image: Literal["error", "skip"] = "error"
     num_workers: int | None = field(default=None, metadata=_range(0, 64))
+    # "device": loader workers only read file bytes; JPEG decode (nvJPEG via torchvision.io.decode_jpeg on
+    # CUDA), resize and augmentation run on the training device, for GPU nodes short of CPU cores
+    decode: Literal["loader", "device"] = "loader"
     cache_dir: str | None = None
     randaugment: bool = True
     cutout: float = field(default=0.5, metadata=_range(0.0, 1.0))

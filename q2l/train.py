@@ -455,6 +455,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         "world_size": world,
         "pin_memory": device.type == "cuda",
         "num_workers": plan.loader_workers,
+        "device": device,  # data.decode = device: decoded there
     }
     train_loader = build_loader(splits.train, cfg.data, cfg.train.batch_size, train=True, **loader_kw)
     holdout_loader = build_loader(splits.holdout, cfg.data, cfg.train.batch_size, train=False, **loader_kw)

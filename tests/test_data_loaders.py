@@ -10,7 +10,8 @@ from torchvision.transforms.v2 import functional as F
 
 from q2l.config import DataConfig
 from q2l.data import build_datasets, build_loader
-from q2l.data.loaders import Batch, CpuPlan, local_cores, plan_cpus
+from q2l.data.batch import Batch
+from q2l.data.loaders import CpuPlan, local_cores, plan_cpus
 from q2l.data.transforms import Augment, FastRandAugment, cutout
 
 torch.set_num_threads(1)

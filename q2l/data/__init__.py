@@ -1,9 +1,11 @@
 """Data layer: COCO / VOC / CSV readers, splits, decoding, transforms, mixing and loaders (plain PyTorch)."""
 
+from q2l.data.batch import Batch
 from q2l.data.build import DataSplits, build_datasets
 from q2l.data.dataset import MultiLabelDataset
+from q2l.data.device_decode import DeviceDecodedLoader, DeviceDecoder, EncodedBatch, EncodedCollate
 from q2l.data.images import BadImageError, decode_rgb
-from q2l.data.loaders import Batch, build_loader
+from q2l.data.loaders import build_loader
 from q2l.data.mixing import mix_batch
 from q2l.data.table import DataError
 
@@ -12,6 +14,10 @@ __all__ = [
     "BadImageError",
     "DataError",
     "DataSplits",
+    "DeviceDecodedLoader",
+    "DeviceDecoder",
+    "EncodedBatch",
+    "EncodedCollate",
     "MultiLabelDataset",
     "build_datasets",
     "build_loader",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from q2l.data.cache import ResizedCache
-from q2l.data.images import BadImageError, BadImagePolicy, decode_rgb
+from q2l.data.device_decode import EncodedItem, is_jpeg
+from q2l.data.images import BadImageError, BadImagePolicy, decode_rgb, read_bytes
 from q2l.data.transforms import Augment, seed_for, squish_resize
 
 
@@ -16,6 +19,9 @@ class MultiLabelDataset(Dataset):
 
     An item can be asked for as ``ds[i]`` or as ``ds[(i, seed)]``: the loader's sampler passes a per-epoch
     sample seed so that augmentation is reproducible whatever the worker count.
+
+    With ``encoded=True`` items are ``EncodedItem`` s for decoding on the training device (``DeviceDecoder``):
+    a JPEG's file bytes, or for other formats and cached images the decoded, resized, unaugmented image.
     """
 
     def __init__(
@@ -29,6 +35,7 @@ class MultiLabelDataset(Dataset):
         on_bad_image: str = "error",
         cache: ResizedCache | None = None,
         keys: list[str] | None = None,
+        encoded: bool = False,
     ):
         if len(paths) != len(targets):
             raise ValueError(f"{len(paths)} paths but {len(targets)} target rows")
@@ -40,6 +47,7 @@ class MultiLabelDataset(Dataset):
         self.augment = augment
         self.policy = BadImagePolicy(on_bad_image)
         self.cache = cache
+        self.encoded = encoded
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -55,9 +63,26 @@ class MultiLabelDataset(Dataset):
             self.cache.put(index, img)
         return img
 
+    def encoded_view(self) -> MultiLabelDataset:
+        """A shallow copy of this dataset with ``encoded=True`` (same paths, targets, cache, augment)."""
+        view = copy.copy(self)
+        view.encoded = True
+        return view
+
+    def load_encoded(self, index: int, seed: int) -> EncodedItem:
+        """Item ``index`` left for the device to decode: JPEG bytes, else the resized image."""
+        payload = self.cache.get(index) if self.cache is not None else None
+        if payload is None:
+            payload = read_bytes(self.paths[index])
+            if not is_jpeg(payload):
+                payload = self.load_resized(index)  # rare formats: decoded here, as on the loader path
+        return EncodedItem(payload, self.targets[index], index, seed, self.paths[index])
+
     def __getitem__(self, key: int | tuple[int, int]):
         index, seed = key if isinstance(key, tuple) else (key, seed_for(0, 0, key))
         try:
+            if self.encoded:
+                return self.load_encoded(index, seed)
             img = self.load_resized(index)
         except BadImageError as e:
             self.policy.handle(e)

@@ -33,18 +33,24 @@ class BadImageError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
-def decode_rgb(path: str | Path) -> torch.Tensor:
-    """Read ``path`` into a uint8 tensor ``[3, H, W]`` (RGB) or raise ``BadImageError``."""
+def read_bytes(path: str | Path) -> torch.Tensor:
+    """The file's bytes as uint8 ``[N]``, or ``BadImageError`` if it is missing, unreadable or empty."""
     try:
-        data = np.fromfile(path, dtype=np.uint8)  # one read straight into the buffer decode_image takes
+        data = np.fromfile(path, dtype=np.uint8)  # one read straight into the buffer the decoders take
     except FileNotFoundError:
         raise BadImageError(path, "file not found") from None
     except OSError as e:
         raise BadImageError(path, f"cannot read file ({e.strerror or e})") from None
     if data.size == 0:
         raise BadImageError(path, "empty file (0 bytes)")
+    return torch.from_numpy(data)
+
+
+def decode_rgb(path: str | Path) -> torch.Tensor:
+    """Read ``path`` into a uint8 tensor ``[3, H, W]`` (RGB) or raise ``BadImageError``."""
+    data = read_bytes(path)
     try:
-        return decode_image(torch.from_numpy(data), mode=ImageReadMode.RGB)
+        return decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError as e:
         first_error = str(e).rsplit(", ", 1)[-1]
     if "truncated" in first_error.lower():

@@ -1,4 +1,4 @@
-"""DataLoaders: per-sample seeded sampling, DDP sharding, bad-sample dropping collate, core planning.
+"""DataLoaders: per-sample seeded sampling, DDP sharding, core planning, optional decoding on the device.
 
 The sampler (a ``DistributedSampler``, also for one process so shuffling is seeded by seed + epoch) yields
 ``(index, sample_seed)`` pairs; datasets derive every augmentation draw from ``sample_seed``, so a run is
@@ -22,6 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 from q2l.config import DataConfig
+from q2l.data.batch import Collate
+from q2l.data.device_decode import DeviceDecodedLoader, DeviceDecoder, EncodedCollate
 from q2l.data.transforms import seed_for
 
 
@@ -51,47 +53,6 @@ class SeededSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.base)
-
-
-class Batch(tuple):
-    """``(images uint8 [B,3,S,S], targets [B,K], indices long [B])`` plus ``skipped``: bad samples dropped."""
-
-    skipped: int
-
-    def __new__(cls, items, skipped: int = 0):
-        obj = super().__new__(cls, items)
-        obj.skipped = skipped
-        return obj
-
-    def pin_memory(self) -> Batch:
-        """Pinned copy (DataLoader calls this, which keeps ``skipped``)."""
-        return Batch((t.pin_memory() for t in self), self.skipped)
-
-    def __reduce__(self):
-        return (Batch, (tuple(self), self.skipped))
-
-
-class Collate:
-    """Stacks items into a ``Batch``, dropping the None items of skipped bad images and counting them."""
-
-    def __init__(self, image_size: int, num_classes: int):
-        self.image_size = image_size
-        self.num_classes = num_classes
-
-    def __call__(self, items: list) -> Batch:
-        kept = [it for it in items if it is not None]
-        if not kept:
-            s = self.image_size
-            empty = (
-                torch.zeros((0, 3, s, s), dtype=torch.uint8),
-                torch.zeros((0, self.num_classes)),
-                torch.zeros(0, dtype=torch.long),
-            )
-            return Batch(empty, len(items))
-        images = torch.stack([it[0] for it in kept])
-        targets = torch.stack([it[1] for it in kept])
-        indices = torch.tensor([it[2] for it in kept], dtype=torch.long)
-        return Batch((images, targets, indices), len(items) - len(kept))
 
 
 def local_cores() -> int:
@@ -142,12 +103,14 @@ def build_loader(
     world_size: int = 1,
     pin_memory: bool = False,
     num_workers: int | None = None,
-) -> DataLoader:
+    device: torch.device | str | None = None,
+) -> DataLoader | DeviceDecodedLoader:
     """A DataLoader yielding ``Batch`` es; train shuffles (seeded) and drops a last partial batch.
 
     Worker processes: ``num_workers``, else ``data.num_workers``, else ``plan_cpus`` over this machine's
     cores shared by ``world_size`` local processes; workers are persistent. Pass ``pin_memory=True`` when
-    the batches go to a GPU.
+    the batches go to a GPU. With ``data.decode = device`` and a ``device``, workers only read the files
+    and the returned ``DeviceDecodedLoader`` decodes, resizes and augments each batch on ``device``.
     """
     if world_size > 1 or train:
         base = DistributedSampler(
@@ -162,12 +125,16 @@ def build_loader(
         workers = plan_cpus(local_cores() // max(1, world_size), device_type).loader_workers
     image_size = getattr(dataset, "image_size", data_cfg.image_size)
     num_classes = len(getattr(dataset, "label_names", [])) or int(dataset[0][1].numel())
-    return DataLoader(
+    on_device = data_cfg.decode == "device" and device is not None
+    if on_device:
+        decoder = DeviceDecoder(image_size, getattr(dataset, "augment", None), data_cfg.on_bad_image)
+        dataset = dataset.encoded_view()
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=Collate(image_size, num_classes),
+        collate_fn=EncodedCollate(num_classes) if on_device else Collate(image_size, num_classes),
         pin_memory=pin_memory,
         drop_last=train and len(sampler) >= batch_size,
         persistent_workers=workers > 0,
@@ -175,3 +142,4 @@ def build_loader(
         worker_init_fn=_worker_init if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
+    return DeviceDecodedLoader(loader, decoder, device) if on_device else loader

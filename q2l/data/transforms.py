@@ -58,6 +58,8 @@ class Augment:
     RandAugment runs on a PIL view of the uint8 tensor: torchvision's PIL kernels for its geometric ops,
     sharpness, autocontrast and equalize are 3-10× faster than its tensor kernels on one CPU thread
     (measured at 224 px: 0.47 ms vs 1.99 ms per image for the whole op); the two conversions cost ~0.09 ms.
+    A tensor on another device (``data.decode = device``) is augmented there with the tensor kernels; every
+    draw still comes from CPU generators seeded by ``seed``.
 
     ``cutout`` is the official CutoutPIL factor: a square of side ``cutout``×image side, centred at a random
     point and clipped at the border, is filled with one random colour (0 disables).
@@ -76,7 +78,10 @@ class Augment:
             # afterwards, so neither the caller's stream (num_workers=0) nor the CUDA generators change.
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
-                img = F.pil_to_tensor(self.randaugment(F.to_pil_image(img)))
+                if img.device.type == "cpu":
+                    img = F.pil_to_tensor(self.randaugment(F.to_pil_image(img)))
+                else:
+                    img = self.randaugment(img)
         if self.cutout > 0:
             img = cutout(img, self.cutout, g)
         if self.hflip and torch.rand((), generator=g) < 0.5:
@@ -97,7 +102,7 @@ def cutout(img: torch.Tensor, factor: float, generator: torch.Generator) -> torc
     xc = int(torch.randint(w, (1,), generator=generator))
     y0, y1 = max(0, yc - ch // 2), min(h, yc + ch // 2)
     x0, x1 = max(0, xc - cw // 2), min(w, xc + cw // 2)
-    colour = torch.randint(256, (3, 1, 1), generator=generator, dtype=torch.uint8)
+    colour = torch.randint(256, (3, 1, 1), generator=generator, dtype=torch.uint8).to(img.device)
     img = img.clone()
     img[:, y0:y1, x0:x1] = colour
     return img
