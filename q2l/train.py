@@ -201,31 +201,46 @@ def _failure_message(err: BaseException) -> str:
     """The most useful line of a Ray Train failure: a worker's own exception, rank 0 first."""
     failures = getattr(err, "worker_failures", None) or {}
     texts = [str(failures[r]) for r in sorted(failures)] or [str(err)]
-    for text in texts:
-        for line in reversed(text.strip().splitlines()):
-            if "NonFiniteLossError" in line or "non-finite loss" in line:
-                return line.strip()
     lines = [ln.strip() for ln in texts[0].strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(err).__name__
 
 
-def _mark_failed(cfg: Config, launch_id: str, message: str) -> str | None:
-    """End this launch's MLflow run FAILED if no worker did (e.g. workers killed past max_failures)."""
+def _launch_runs(cfg: Config, launch_id: str) -> tuple[Any, list]:
+    """(client, MLflow runs of this launch); no runs when the store cannot be read."""
     from mlflow import MlflowClient
 
-    from q2l.record import ERROR_TAG, LAUNCH_TAG
+    from q2l.record import LAUNCH_TAG
 
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
     try:
-        client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
         exp = client.get_experiment_by_name(cfg.mlflow.experiment)
         runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{LAUNCH_TAG}` = '{launch_id}'")
     except Exception:  # noqa: BLE001 - reporting the training failure matters more
-        return None
+        return client, []
+    return client, runs
+
+
+def _mark_failed(cfg: Config, launch_id: str, message: str) -> str | None:
+    """End this launch's MLflow run FAILED if no worker did (e.g. workers killed past max_failures)."""
+    from q2l.record import ERROR_TAG
+
+    client, runs = _launch_runs(cfg, launch_id)
     for run in runs:
         if run.info.status == "RUNNING":
             client.set_tag(run.info.run_id, ERROR_TAG, message)
             client.set_terminated(run.info.run_id, "FAILED")
     return runs[0].info.run_id if runs else None
+
+
+def recorded_failure(cfg: Config, launch_id: str) -> tuple[str, str] | None:
+    """(MLflow run id, error) when the workers ended this launch's run FAILED themselves (a divergence)."""
+    from q2l.record import ERROR_TAG
+
+    _, runs = _launch_runs(cfg, launch_id)
+    for run in runs:
+        if run.info.status == "FAILED" and ERROR_TAG in run.data.tags:
+            return run.info.run_id, run.data.tags[ERROR_TAG]
+    return None
 
 
 def check_data_paths(cfg: Config) -> None:
@@ -280,6 +295,13 @@ def run_training(cfg: Config) -> TrainOutcome:
 
             ray.shutdown()
     metrics = result.metrics or {}
+    launch_id = trainer.train_loop_config["launch_id"]
+    failure = recorded_failure(cfg, launch_id) if "test_map" not in metrics else None  # no final report
+    if failure is not None:
+        raise TrainingRunError(
+            f"training run {run_name} failed: {failure[1]} (checkpoints kept in {storage}/{run_name}; "
+            f"MLflow run {failure[0]} marked FAILED)"
+        )
     outcome = TrainOutcome(
         run_name=run_name,
         run_id=metrics.get("mlflow_run_id"),
@@ -427,7 +449,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from q2l.data import build_datasets, build_loader
     from q2l.data.loaders import plan_cpus
-    from q2l.engine import Engine, save_checkpoint, seed_everything
+    from q2l.engine import Engine, NonFiniteLossError, save_checkpoint, seed_everything
     from q2l.losses import build_loss
     from q2l.models import build_model
 
@@ -533,6 +555,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report(final, checkpoint=ckpt)
         if recorder is not None:
             recorder.finish()
+    except NonFiniteLossError as e:
+        # every rank raises it together, and it is deterministic: restarting the workers from the last
+        # checkpoint (ray.max_failures times) would only diverge again. End the run here, FAILED with the
+        # error in MLflow, where the driver finds it (recorded_failure).
+        if recorder is not None:
+            recorder.fail(e)
     except BaseException as e:
         if recorder is not None:
             recorder.fail(e)

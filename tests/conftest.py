@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
+from model_fixtures import tiny_config_dict
 
 from q2l.config import Config, config_from_dict
 
@@ -53,36 +54,12 @@ def tiny_demo_root(tmp_path_factory) -> Path:
     return root
 
 
-def _tiny_config(data_root: Path, tmp: Path, **sections) -> Config:
-    """The tiny plumbing config over ``data_root`` with results under ``tmp``; ``sections`` override keys."""
-    raw = {
-        "data": {
-            "root": str(data_root),
-            "image_size": 32,
-            "holdout_fraction": 0.25,
-            "num_workers": 0,
-            "randaugment": False,
-        },
-        "model": {
-            "backbone": "resnet18",
-            "pretrained": False,
-            "hidden_dim": 32,
-            "num_heads": 2,
-            "enc_layers": 1,
-            "dec_layers": 1,
-            "dim_feedforward": 64,
-        },
-        "optim": {"lr": 1e-3},
-        "train": {"epochs": 2, "batch_size": 8, "ema_decay": 0.9, "early_stop_patience": None},
-        "ray": {"num_workers": 2, "storage_path": str(tmp / "ray"), "max_failures": 1},
-        "mlflow": {"results_dir": str(tmp / "results"), "experiment": "q2l-test"},
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return config_from_dict(raw, "tests/conftest.py")
-
-
 @pytest.fixture
 def mlflow_tmp_config(tiny_demo_root, tmp_path) -> Config:
     """The tiny plumbing config recording to a SQLite MLflow store and Ray storage under ``tmp_path``."""
-    return _tiny_config(tiny_demo_root, tmp_path)
+    raw = tiny_config_dict(
+        tiny_demo_root,
+        ray={"num_workers": 2, "storage_path": str(tmp_path / "ray"), "max_failures": 1},
+        mlflow={"results_dir": str(tmp_path / "results"), "experiment": "q2l-test"},
+    )
+    return config_from_dict(raw, "tests/conftest.py")

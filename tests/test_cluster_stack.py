@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from model_fixtures import tiny_config_dict
 
 pytestmark = pytest.mark.slow
 
@@ -332,26 +333,9 @@ def _tags(run: dict) -> dict[str, str]:
 
 def _tiny_config(stack, data_root: Path, path: Path) -> Path:
     """A tiny two-worker training config recording to the stack (one worker per node via worker_slot)."""
-    raw = {
-        "data": {
-            "root": str(data_root),
-            "image_size": 32,
-            "holdout_fraction": 0.25,
-            "num_workers": 0,
-            "randaugment": False,
-        },
-        "model": {
-            "backbone": "resnet18",
-            "pretrained": False,
-            "hidden_dim": 32,
-            "num_heads": 2,
-            "enc_layers": 1,
-            "dec_layers": 1,
-            "dim_feedforward": 64,
-        },
-        "optim": {"lr": 1e-3},
-        "train": {"epochs": 2, "batch_size": 8, "ema_decay": 0.9, "early_stop_patience": None},
-        "ray": {
+    raw = tiny_config_dict(
+        data_root,
+        ray={
             "num_workers": 2,
             "cpus_per_worker": 1.0,
             "resources_per_worker": {"worker_slot": 1.0},
@@ -359,13 +343,13 @@ def _tiny_config(stack, data_root: Path, path: Path) -> Path:
             "run_name": DDP_RUN,
             "max_failures": 0,
         },
-        "mlflow": {
+        mlflow={
             "tracking_uri": stack.env["MLFLOW_TRACKING_URI"],
             "experiment": EXPERIMENT,
             "log_model": False,
             "results_dir": str(path.parent / "results"),
         },
-    }
+    )
     path.write_text(yaml.safe_dump(raw))
     return path
 

@@ -2,7 +2,7 @@
 
 A tiny Query2Label (timm ``test_efficientnet``, 64 px, 4 labels) is logged into a SQLite MLflow store under
 tmp; its outputs are compared with the torch model's own sigmoid on the same real JPEGs, preprocessed
-independently here (decode, squish resize, ``(x/255 - mean)/std``).
+independently (``model_fixtures.reference_probs``: decode, squish resize, ``(x/255 - mean)/std``).
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ import pytest
 import torch
 import yaml
 from data_fixtures import write_jpeg
+from model_fixtures import TINY_ARCH, reference_probs, tiny_model
 
 from q2l.config import config_from_dict
-from q2l.data.images import decode_rgb
-from q2l.data.transforms import squish_resize
-from q2l.models import Query2Label
 from q2l.packaging import (
     MODEL_JSON,
     WEIGHTS_FILE,
@@ -35,28 +33,6 @@ from q2l.packaging import (
 
 LABELS = ["apple", "bike", "cat", "dog"]
 SIZE = 64
-
-
-def tiny_model(seed: int, num_classes: int = len(LABELS), hidden_dim: int = 32) -> Query2Label:
-    torch.manual_seed(seed)
-    return Query2Label(
-        backbone="test_efficientnet",
-        num_classes=num_classes,
-        hidden_dim=hidden_dim,
-        num_heads=2,
-        enc_layers=1,
-        dec_layers=1,
-        dim_feedforward=64,
-    ).eval()
-
-
-@torch.no_grad()
-def reference_probs(model: Query2Label, paths: list[Path]) -> np.ndarray:
-    """The torch model's sigmoid output, with the preprocessing written out here."""
-    images = torch.stack([squish_resize(decode_rgb(p), SIZE) for p in paths]).float() / 255
-    mean = torch.tensor(model.data_config["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(model.data_config["std"]).view(1, 3, 1, 1)
-    return torch.sigmoid(model((images - mean) / std)).numpy()
 
 
 def b64(path: Path) -> str:
@@ -93,7 +69,7 @@ def logged(store):
     import mlflow
 
     torch.set_num_threads(1)
-    model = tiny_model(0)
+    model = tiny_model(0, len(LABELS))
     with mlflow.start_run(experiment_id=store) as run:
         info = log_model(model, label_names=LABELS, image_size=SIZE, registered_model_name="pkg-test")
     return model, info, run.info.run_id
@@ -104,7 +80,7 @@ def test_logged_pyfunc_matches_torch_model_for_batch_1_and_5(logged, images):
     import mlflow
 
     model, info, _ = logged
-    expected = reference_probs(model, images)
+    expected = reference_probs(model, images, SIZE)
     pyfunc = mlflow.pyfunc.load_model(info.model_uri)
 
     one = pyfunc.predict(pd.DataFrame({"image": [b64(images[0])]}))
@@ -166,32 +142,24 @@ def test_load_predictor_from_mlflow_uris(logged, images, uri_kind, tmp_path):
     assert predictor.label_names == LABELS and predictor.image_size == SIZE
     probs, failures = predictor.predict_paths(images, batch_size=2)
     assert failures == []
-    np.testing.assert_allclose(probs, reference_probs(model, images), atol=1e-5)
+    np.testing.assert_allclose(probs, reference_probs(model, images, SIZE), atol=1e-5)
 
 
 def test_load_predictor_from_training_checkpoint(images, tmp_path):
     """The train layer's best.pt (state dict, label names, image size, config YAML) loads as a predictor."""
     torch.set_num_threads(1)
-    model = tiny_model(3)
+    model = tiny_model(3, len(LABELS))
     cfg = config_from_dict(
         {
             "data": {"image_size": SIZE},
-            "model": {
-                "backbone": "test_efficientnet",
-                "pretrained": False,
-                "hidden_dim": 32,
-                "num_heads": 2,
-                "enc_layers": 1,
-                "dec_layers": 1,
-                "dim_feedforward": 64,
-            },
+            "model": {"backbone": "test_efficientnet", "pretrained": False, **TINY_ARCH},
         }
     )
     ckpt_dir = tmp_path / "checkpoint_000003"
     ckpt_dir.mkdir()
     state = {"model": model.state_dict(), "label_names": LABELS, "image_size": SIZE, "config": cfg.to_yaml()}
     torch.save(state, ckpt_dir / "best.pt")
-    expected = reference_probs(model, images)
+    expected = reference_probs(model, images, SIZE)
     for uri in (str(ckpt_dir / "best.pt"), str(ckpt_dir)):
         probs, _ = load_predictor(uri, device="cpu").predict_paths(images)
         np.testing.assert_allclose(probs, expected, atol=1e-5)
@@ -218,7 +186,7 @@ def test_bad_requests_name_the_row(logged, images):
 
 
 def test_spec_and_weights_are_checked(tmp_path):
-    model = tiny_model(1)
+    model = tiny_model(1, len(LABELS))
     with pytest.raises(PackagingError, match="3 label names"):
         model_spec(model, LABELS[:3], SIZE)
     with pytest.raises(PackagingError, match="unique"):
@@ -234,7 +202,7 @@ def test_spec_and_weights_are_checked(tmp_path):
 
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(model_spec(model, LABELS, SIZE).to_json())
-    save_weights(tiny_model(1, hidden_dim=64), tmp_path / WEIGHTS_FILE)
+    save_weights(tiny_model(1, len(LABELS), hidden_dim=64), tmp_path / WEIGHTS_FILE)
     with pytest.raises(PackagingError, match="do not fit"):
         predictor_from_files(spec_path, tmp_path / WEIGHTS_FILE)
 
@@ -242,4 +210,4 @@ def test_spec_and_weights_are_checked(tmp_path):
 @pytest.mark.slow
 def test_log_model_needs_an_active_run(store):
     with pytest.raises(PackagingError, match="active MLflow run"):
-        log_model(tiny_model(0), label_names=LABELS, image_size=SIZE)
+        log_model(tiny_model(0, len(LABELS)), label_names=LABELS, image_size=SIZE)

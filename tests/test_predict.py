@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from data_fixtures import truncate, write_jpeg
+from model_fixtures import TINY_ARCH, reference_probs, tiny_model
 from PIL import Image
 
 from q2l.config import config_from_dict
@@ -26,14 +27,12 @@ from q2l.predict import run_predict
 
 LABELS = ["apple", "bike", "cat", "dog"]
 SIZE = 64
-ARCH = {"hidden_dim": 32, "num_heads": 2, "enc_layers": 1, "dec_layers": 1, "dim_feedforward": 64}
 
 
 @pytest.fixture(scope="module")
 def model() -> Query2Label:
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    return Query2Label(backbone="test_efficientnet", num_classes=len(LABELS), **ARCH).eval()
+    return tiny_model(0, len(LABELS))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +40,7 @@ def checkpoint(model, tmp_path_factory) -> Path:
     cfg = config_from_dict(
         {
             "data": {"image_size": SIZE},
-            "model": {"backbone": "test_efficientnet", "pretrained": False, **ARCH},
+            "model": {"backbone": "test_efficientnet", "pretrained": False, **TINY_ARCH},
         }
     )
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
@@ -69,14 +68,6 @@ def readable(folder: Path) -> list[Path]:
     return [folder / "a.jpg", folder / "c.png", folder / "sub" / "b.jpeg"]
 
 
-@torch.no_grad()
-def expected_probs(model: Query2Label, paths: list[Path]) -> np.ndarray:
-    x = torch.stack([squish_resize(decode_rgb(p), SIZE) for p in paths]).float() / 255
-    mean = torch.tensor(model.data_config["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(model.data_config["std"]).view(1, 3, 1, 1)
-    return torch.sigmoid(model((x - mean) / std)).numpy()
-
-
 def predict(*args, **kwargs) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     code = run_predict(*args, out=out, err=err, **kwargs)
@@ -93,7 +84,7 @@ def test_folder_with_corrupt_files_json(checkpoint, folder, model):
     assert sorted(bad) == ["broken.jpg", "cut.jpg"]
     assert "truncated" in bad["cut.jpg"]
     assert "broken.jpg" in err and "cut.jpg" in err and "3 image(s) labelled, 2 unreadable" in err
-    expected = expected_probs(model, readable(folder))
+    expected = reference_probs(model, readable(folder), SIZE)
     for row, path in zip(expected, readable(folder), strict=True):
         item = got[path.name]
         np.testing.assert_allclose([item["probabilities"][n] for n in LABELS], row, atol=1e-5)
@@ -107,7 +98,7 @@ def test_table_and_csv_formats(checkpoint, folder, model):
     assert code == 0
     lines = out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith(str(folder / "a.jpg"))
-    expected = expected_probs(model, [folder / "a.jpg"])[0]
+    expected = reference_probs(model, [folder / "a.jpg"], SIZE)[0]
     top2 = [LABELS[k] for k in np.argsort(-expected)[:2]]
     assert [part.split()[0] for part in lines[0].split("  ", 1)[1].strip().split(", ")] == top2
 
@@ -152,7 +143,7 @@ def test_attention_maps_and_training_examples(model, folder, tmp_path):
     assert probs.shape == (3, len(LABELS)) and maps.shape == (3, len(LABELS), 2, 2)
     # each label's attention is a distribution over the feature grid
     np.testing.assert_allclose(maps.sum(axis=(2, 3)), 1.0, atol=1e-5)
-    np.testing.assert_allclose(probs, expected_probs(model, readable(folder)), atol=1e-5)
+    np.testing.assert_allclose(probs, reference_probs(model, readable(folder), SIZE), atol=1e-5)
 
     written = log_attention_examples(model, images, LABELS, tmp_path / "attn", max_images=2)
     assert [p.name for p in written] == ["example_000.png", "example_001.png"]

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 from data_fixtures import coco_doc, write_jpeg
+from model_fixtures import tiny_model
 
 from q2l.config import Config, config_from_dict
 from q2l.evaluate import evaluate, label_order
 from q2l.metrics import summarize
-from q2l.models import Query2Label
 from q2l.packaging import Predictor, log_model, model_spec
 from q2l.predict import run_predict
 from q2l.promote import CHAMPION, PREVIOUS, TAG, gate, run_promote
@@ -34,19 +34,6 @@ SIZE = 64
 NUM_TEST = 24
 
 
-def tiny_model(seed: int) -> Query2Label:
-    torch.manual_seed(seed)
-    return Query2Label(
-        backbone="test_efficientnet",
-        num_classes=len(LABELS),
-        hidden_dim=32,
-        num_heads=2,
-        enc_layers=1,
-        dec_layers=1,
-        dim_feedforward=64,
-    ).eval()
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Data labelled by the teacher, a SQLite store, and logged models: returns (cfg, model URIs)."""
@@ -57,7 +44,7 @@ def world(tmp_path_factory):
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("promote")
     root = tmp / "data"
-    teacher = tiny_model(0)
+    teacher = tiny_model(0, len(LABELS))
     test_names = [f"t{k:02d}.jpg" for k in range(NUM_TEST)]
     paths = [
         write_jpeg(root / "val2014" / n, seed=100 + k, h=48 + k, w=64 - k) for k, n in enumerate(test_names)
@@ -88,10 +75,10 @@ def world(tmp_path_factory):
     experiment_id = ensure_experiment(cfg)
     models = {
         "teacher": (teacher, LABELS),
-        "teacher_copy": (tiny_model(0), LABELS),
-        "random1": (tiny_model(1), LABELS),
-        "random2": (tiny_model(2), LABELS),
-        "renamed": (tiny_model(0), ["apple", "bike", "cat", "zebra"]),
+        "teacher_copy": (tiny_model(0, len(LABELS)), LABELS),
+        "random1": (tiny_model(1, len(LABELS)), LABELS),
+        "random2": (tiny_model(2, len(LABELS)), LABELS),
+        "renamed": (tiny_model(0, len(LABELS)), ["apple", "bike", "cat", "zebra"]),
     }
     uris = {}
     with mlflow.start_run(experiment_id=experiment_id, run_name="candidates"):

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 from data_fixtures import write_jpeg
+from model_fixtures import tiny_model
 
 from q2l.config import config_from_dict
-from q2l.models import Query2Label
 from q2l.packaging import load_predictor, log_model
 
 pytestmark = pytest.mark.slow
@@ -65,16 +65,7 @@ def registered(tmp_path):
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        torch.manual_seed(0)
-        model = Query2Label(
-            backbone="test_efficientnet",
-            num_classes=len(LABELS),
-            hidden_dim=32,
-            num_heads=2,
-            enc_layers=1,
-            dec_layers=1,
-            dim_feedforward=64,
-        ).eval()
+        model = tiny_model(0, len(LABELS))
         with mlflow.start_run(experiment_id=ensure_experiment(cfg)):
             info = log_model(model, label_names=LABELS, image_size=SIZE, registered_model_name="served")
         mlflow.MlflowClient().set_registered_model_alias("served", "champion", info.registered_model_version)

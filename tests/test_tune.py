@@ -236,6 +236,25 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(mlflow_tmp_
     )
 
 
+def test_diverging_trial_fails_at_once_with_its_error(mlflow_tmp_config, tmp_path):
+    from q2l.train import FAULT_ENV
+
+    cfg = mlflow_tmp_config
+    config = sweep_config(cfg, tmp_path, num_samples=1, scheduler="none", name="diverging")
+    env = cli_env(**{FAULT_ENV: "nan:2"})  # weights become NaN halfway through epoch 2
+    out = subprocess.run(q2l_tune(config), env=env, capture_output=True, text=True, timeout=420)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-5000:]  # a failed trial does not fail the sweep
+    assert "resuming after epoch" not in log  # not restarted from its checkpoint (ray.max_failures = 1)
+    parents, (child,) = sweep_runs(cfg)
+    assert parents[0].data.metrics["trials_failed"] == 1
+    assert child.info.status == "FAILED" and child.data.tags["q2l.trial_status"] == "failed"
+    assert "non-finite loss nan at epoch 1" in child.data.tags["q2l.error"]
+    assert progress_rows(Path(cfg.ray.storage_path) / "diverging") == {
+        f"trial-{child.data.tags['q2l.trial_id']}": 1  # epoch 1 only: no final report, no second attempt
+    }
+
+
 def test_bad_space_fails_before_ray_starts(mlflow_tmp_config):
     import ray
 

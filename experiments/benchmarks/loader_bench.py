@@ -9,7 +9,7 @@ Two numbers per pipeline: DataLoader images/s per worker (wall clock, what train
 image in-process (``time.process_time`` over alternating rounds, median), which stays meaningful on a
 machine shared with other jobs, where wall-clock rates swing with the load.
 
-    python experiments/benchmarks/loader_bench.py --root data/demo --image-size 224 --workers 1
+    python -m experiments.benchmarks.loader_bench --root data/demo --image-size 224 --workers 1
 """
 
 from __future__ import annotations
@@ -20,33 +20,12 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
+from torch.utils.data import DataLoader
 
 from q2l.config import DataConfig
 from q2l.data import build_datasets, build_loader
 
-
-class SeedDataset(Dataset):
-    """The seed's pipeline: PIL decode and v1 transforms, normalised float32 out."""
-
-    def __init__(self, paths: list[str], targets: torch.Tensor, image_size: int):
-        self.paths, self.targets = paths, targets
-        self.tf = T.Compose(
-            [
-                T.Resize((image_size, image_size)),
-                T.RandAugment(),
-                T.ToTensor(),
-                T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-            ]
-        )
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        return self.tf(Image.open(self.paths[i]).convert("RGB")), self.targets[i]
+from .seed_baseline import SeedDataset
 
 
 def _throughput(loader: DataLoader, images: int, warmup_batches: int) -> float:

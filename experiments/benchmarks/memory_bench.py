@@ -30,15 +30,6 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
-def reset_peak_rss() -> bool:
-    """Reset this process's peak-RSS mark (Linux ``clear_refs`` 5); False where that is not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def rss_mib(field: str = "VmHWM") -> float:
     """``VmHWM`` (peak) or ``VmRSS`` (current) of this process in MiB, from /proc/self/status."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -60,6 +51,7 @@ def measure(
 ) -> dict:
     """Peak memory (MiB) of ``steps`` training steps at ``batch_size``, in this process."""
     from .seed_baseline import build_trainer, model_section, synthetic_batch, time_steps
+    from .train_step_bench import reset_peak_rss
 
     if threads is not None:
         torch.set_num_threads(threads)

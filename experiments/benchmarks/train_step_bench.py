@@ -54,7 +54,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> f
     return 2 * n**3 / min(times)
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark of this process (Linux ``clear_refs`` 5); False where unsupported."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -111,7 +111,7 @@ def bench_variant(
         },
         "train_step_bench",
     )
-    reset = _reset_peak_rss()
+    reset = reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(0)
