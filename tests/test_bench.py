@@ -158,6 +158,7 @@ sys.exit(suite.main(sys.argv[1:]))
 """
     args = [*TINY, "--variants", "seed", "default", "--steps", "1", "--warmup", "1"]
     args += ["--loader-steps", "2", "--loader-warmup", "1", "--loader-workers", "0", "--out", str(tmp_path)]
+    args += ["--loader-variants", "default", "seed", "device-decode"]  # as gpu.sh
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-c", code, "seed", *args], cwd=REPO, env=env, capture_output=True, text=True
@@ -165,9 +166,10 @@ sys.exit(suite.main(sys.argv[1:]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "seed_resnet18_32.json").read_text())
     assert [r["variant"] for r in result["results"]] == ["seed", "default"]
-    assert [r["variant"] for r in result["loader_included"]] == ["default", "seed"]
+    assert [r["variant"] for r in result["loader_included"]] == ["default", "seed", "device-decode"]
     assert all(r["images"] == 4 and r["images_per_s"] > 0 for r in result["loader_included"])
     assert result["speedup_vs_seed"]["default"] > 0 and "loader_included_speedup_vs_seed" in result
+    assert result["device_decode_speedup_vs_seed"] > 0
     assert set(result["loader_cpu_ms_per_image"]) == {"q2l", "seed"}
     assert "| seed | fp16 | no |" in (tmp_path / "seed_resnet18_32.md").read_text()
 

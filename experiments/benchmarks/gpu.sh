@@ -12,7 +12,8 @@
 #     torch.compile (compile time = first step − steady step): images/s, MFU against a bf16/fp16 matmul
 #     measured in the same run, peak and static memory;
 #   loader-included: each side's real DataLoader over synthetic 640×480 JPEGs written here (torchvision
-#     encode_jpeg), cores − 1 workers each;
+#     encode_jpeg), cores − 1 workers each, and q2l's with data.decode = device (nvJPEG, resize and
+#     augmentation on the GPU);
 #   R101 activation memory per image with and without activation checkpointing.
 # Each measurement is skipped once its run's budget is spent; results are saved after every measurement, so
 # a run stopped by its hard timeout keeps what it measured.
@@ -43,9 +44,9 @@ bench() {  # bench HARD_TIMEOUT_S ARGS...: one suite run, killed after HARD_TIME
   "$PY" -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))"
 
   bench 240 seed --backbone resnet101 --image-size 448 --batch-size 64 --steps 15 --warmup 3 \
-    --loader-steps 15 --loader-warmup 4 --budget-s 170
+    --loader-steps 15 --loader-warmup 4 --loader-variants default seed device-decode --budget-s 170
   bench 130 seed --backbone tf_efficientnet_lite0 --image-size 224 --batch-size 128 --steps 20 --warmup 3 \
-    --loader-steps 15 --loader-warmup 4 --budget-s 75
+    --loader-steps 15 --loader-warmup 4 --loader-variants default seed device-decode --budget-s 75
   bench 35 e --backbone resnet101 --image-size 448 --batch-sizes 16 32 --warmup 2
   bench 35 e --backbone resnet101 --image-size 448 --batch-sizes 16 32 --warmup 2 --activation-checkpointing
 

@@ -84,6 +84,9 @@ ENGINE_VARIANTS = {
     "bf16-nchw": {"precision": "bf16", "channels_last": False},
 }
 VARIANTS = ("seed", *ENGINE_VARIANTS)
+# loader-included variants: the step each is timed with; device-decode is q2l's loader with data.decode =
+# device (workers read bytes, the training device decodes, resizes and augments)
+LOADER_VARIANTS = {"seed": "seed", "default": "default", "device-decode": "default"}
 SEED_MEAN, SEED_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the seed's v1 Normalize
 SCHEDULE_STEPS = 100_000  # OneCycle length for benchmarks: long enough that any step count fits
 
@@ -430,8 +433,10 @@ def _loader_for(
             persistent_workers=workers > 0,
             generator=torch.Generator().manual_seed(0),
         )
-    cfg = DataConfig(image_size=image_size, num_workers=workers)
-    return build_loader(_q2l_dataset(run, image_size), cfg, batch_size, train=True, seed=0, pin_memory=pin)
+    decode = "device" if variant == "device-decode" else "loader"
+    cfg = DataConfig(image_size=image_size, num_workers=workers, decode=decode)
+    dataset = _q2l_dataset(run, image_size)
+    return build_loader(dataset, cfg, batch_size, train=True, seed=0, pin_memory=pin, device=device)
 
 
 def _q2l_dataset(run: LoaderRun, image_size: int) -> MultiLabelDataset:
@@ -492,8 +497,10 @@ def measure_with_loader(
         raise RuntimeError(
             f"/dev/shm is too small for even one {variant} loader worker at batch {batch_size}"
         )
+    if variant not in LOADER_VARIANTS:
+        raise ValueError(f"loader variant {variant!r}: expected one of {', '.join(LOADER_VARIANTS)}")
     _free(device)
-    trainer = build_trainer(variant, model, image_size, batch_size, device)
+    trainer = build_trainer(LOADER_VARIANTS[variant], model, image_size, batch_size, device)
     loader = _loader_for(variant, run, workers, image_size, batch_size, device)
     start = None
     for i, batch in enumerate(_cycle(loader, run.warmup + run.steps)):
@@ -661,6 +668,10 @@ def _summarise(result: dict) -> None:
         result["loader_included_speedup_vs_seed"] = (
             loaded["default"]["images_per_s"] / loaded["seed"]["images_per_s"]
         )
+    if "seed" in loaded and "device-decode" in loaded:
+        result["device_decode_speedup_vs_seed"] = (
+            loaded["device-decode"]["images_per_s"] / loaded["seed"]["images_per_s"]
+        )
 
 
 def loader_run(
@@ -708,6 +719,10 @@ def describe(result: dict) -> str:
         )
     if "loader_included_speedup_vs_seed" in result:
         lines.append(f"loader-included speedup vs seed: {result['loader_included_speedup_vs_seed']:.2f}")
+    if "device_decode_speedup_vs_seed" in result:
+        lines.append(
+            f"loader-included, data.decode = device, vs seed: {result['device_decode_speedup_vs_seed']:.2f}"
+        )
     if "loader_cpu_ms_per_image" in result:
         ms = result["loader_cpu_ms_per_image"]
         lines.append(f"loader CPU ms per image (one core): q2l {ms['q2l']:.2f}, seed {ms['seed']:.2f}")

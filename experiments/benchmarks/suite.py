@@ -256,6 +256,10 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"\nloader-included speed-up vs seed: {result['loader_included_speedup_vs_seed']:.2f}×"
             )
+        if "device_decode_speedup_vs_seed" in result:
+            lines.append(
+                f"\nwith data.decode = device: {result['device_decode_speedup_vs_seed']:.2f}× the seed"
+            )
     if "loader_cpu_ms_per_image" in result:
         ms = result["loader_cpu_ms_per_image"]
         lines.append(
@@ -328,7 +332,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--activation-checkpointing", action="store_true")
     g = p.add_argument_group("seed: fast path vs the seed's way")
     g.add_argument("--variants", nargs="*", default=["seed", "default", "default+compile"])
-    g.add_argument("--loader-variants", nargs="*", default=["default", "seed"])
+    g.add_argument(
+        "--loader-variants", nargs="*", default=["default", "seed"], help="also: device-decode (data.decode)"
+    )
     g.add_argument("--loader-steps", type=int, default=10, help="loader-included steps (0: skip)")
     g.add_argument("--loader-warmup", type=int, default=3)
     g.add_argument("--loader-workers", type=int, default=None, help="default: cores − 1")
