@@ -154,6 +154,30 @@ def test_encoded_batch_pickles_with_skipped():
     assert torch.equal(batch.payloads[0], item.payload) and batch.paths == ["x.jpg"]
 
 
+def test_engine_trains_the_same_on_device_decoded_batches(tmp_path):
+    # the whole path the Ray worker takes: build_loader(device=...) → Engine; bitwise-equal images and the
+    # same seeds make the same epoch, loss for loss
+    from model_fixtures import tiny_config_dict, tiny_model
+
+    from q2l.engine import Engine
+    from q2l.losses import build_loss
+
+    ds = _dataset(tmp_path, augment=Augment(hflip=True))
+    raw = tiny_config_dict(tmp_path, train={"epochs": 1, "batch_size": 2, "ema_decay": None})
+    results = {}
+    for decode in ("loader", "device"):
+        raw["data"].update({"image_size": SIZE, "decode": decode})
+        cfg = config_from_dict(raw, "test")
+        loader = build_loader(ds, cfg.data, 2, train=True, seed=0, device="cpu")
+        assert isinstance(loader, DeviceDecodedLoader) == (decode == "device")
+        engine = Engine(tiny_model(0, 3), build_loss(cfg.loss), cfg, len(loader), "cpu")
+        stats = engine.train_one_epoch(loader, 0)
+        results[decode] = (stats["loss"], stats["images"], engine.model.state_dict())
+    (loss_a, n_a, w_a), (loss_b, n_b, w_b) = results["loader"], results["device"]
+    assert n_a == n_b == 6 and loss_a == loss_b
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+
+
 def test_decode_key_is_validated():
     with pytest.raises(ConfigError, match=r"data\.decode = 'gpu'"):
         config_from_dict({"data": {"decode": "gpu"}}, "run.yaml")
