@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from q2l import tracking
 from q2l.config import Config
+from q2l.record import ERROR_TAG
 from q2l.tracking import ensure_experiment, flat_params, tracking_uri, version_tags
 
 if TYPE_CHECKING:
@@ -37,7 +39,6 @@ if TYPE_CHECKING:
 
 TRIAL_TAG = "q2l.trial_id"
 SWEEP_TAG = "q2l.sweep"
-ERROR_TAG = "q2l.error"  # the train layer's tag for a failed run's error (q2l.record.ERROR_TAG)
 CHALLENGER = "challenger"
 MODEL_NAME = "model"  # the train layer logs the packaged model under this name
 COMPLETED, STOPPED, FAILED = "completed", "stopped", "failed"
@@ -90,12 +91,6 @@ def registered_model_name(cfg: Config) -> str:
     return f"q2l-{slug}"
 
 
-def _client(cfg: Config) -> MlflowClient:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri(cfg))
-
-
 def _set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
     from mlflow.entities import RunTag
 
@@ -118,7 +113,7 @@ def open_parent_run(
     cfg: Config, space: SearchSpace, *, sweep_name: str, sweep_path: str, settings: dict
 ) -> str:
     """Create the sweep's parent run: base config params, sweep settings, the search space; returns its id."""
-    client = _client(cfg)
+    client = tracking.client(cfg)
     exp_id = ensure_experiment(cfg)
     tags = {
         **version_tags(),
@@ -140,7 +135,7 @@ def open_parent_run(
 
 def set_parent_status(cfg: Config, run_id: str, status: str) -> None:
     """RUNNING again on resume; KILLED when interrupted; FAILED on an error; FINISHED at the end."""
-    client = _client(cfg)
+    client = tracking.client(cfg)
     if status == "RUNNING":
         client.update_run(run_id, status="RUNNING")
     else:
@@ -148,16 +143,6 @@ def set_parent_status(cfg: Config, run_id: str, status: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ child runs
-def error_line(text: str) -> str:
-    """The most telling line of an error text (a Ray traceback): the last ``SomeError: message`` line."""
-    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    pattern = re.compile(r"^([\w.]+(Error|Exception|Interrupt)|\w+Error\(.*)")
-    for line in reversed(lines):
-        if pattern.match(line):
-            return line
-    return lines[-1] if lines else "unknown error"
-
-
 def _child_runs(client: MlflowClient, exp_id: str, parent_run_id: str) -> dict[str, list]:
     runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     out: dict[str, list] = {}
@@ -172,7 +157,7 @@ def finish_child_runs(cfg: Config, rows: Sequence[TrialRow], parent_run_id: str,
     Fills ``row.run_id``. A trial restarted before its first checkpoint may have left an older run: it ends
     KILLED (the trial's reported run is the one that counts).
     """
-    client = _client(cfg)
+    client = tracking.client(cfg)
     exp_id = ensure_experiment(cfg)
     by_trial = _child_runs(client, exp_id, parent_run_id)
     for row in rows:
@@ -363,7 +348,7 @@ def write_plots(
 # ------------------------------------------------------------------------------------------ registration
 def best_with_model(cfg: Config, rows: Sequence[TrialRow]) -> tuple[TrialRow, Any] | None:
     """The best-ranked trial whose child run logged a model, with that LoggedModel (None if none did)."""
-    client = _client(cfg)
+    client = tracking.client(cfg)
     exp_id = ensure_experiment(cfg)
     for row in ranked(rows):
         if row.status == FAILED or not row.run_id or not math.isfinite(row.holdout_map):
@@ -391,7 +376,7 @@ def register_challenger(
 
     # the registry resolves the version's models:/ source through the global tracking URI
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    client = _client(cfg)
+    client = tracking.client(cfg)
     name = registered_model_name(cfg)
     try:
         client.get_registered_model(name)
@@ -455,7 +440,7 @@ def record_sweep(
     ``cpus`` is what the sweep's concurrent trials held; the sweep's training rate is also given per CPU.
     Idempotent for a resumed sweep that had already finished: the challenger is registered once per parent.
     """
-    client = _client(cfg)
+    client = tracking.client(cfg)
     finish_child_runs(cfg, rows, parent_run_id, sweep_name)
     header, body = leaderboard(rows, space.keys)
     text = format_text(header, body)
@@ -526,6 +511,6 @@ def record_sweep(
         epochs_run,
         budget,
         notes,
-        metrics["train_images"],
-        metrics["train_images_per_s_per_cpu"],
+        train_images=metrics["train_images"],
+        train_images_per_s_per_cpu=metrics["train_images_per_s_per_cpu"],
     )

@@ -58,10 +58,11 @@ def artifact_location(cfg: Config) -> str | None:
     return f"{results_dir(cfg)}/mlflow/artifacts"
 
 
-def _client(uri: str):
+def client(cfg: Config):
+    """An ``MlflowClient`` on ``cfg``'s tracking URI."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=tracking_uri(cfg))
 
 
 def ensure_experiment(cfg: Config) -> str:
@@ -72,14 +73,14 @@ def ensure_experiment(cfg: Config) -> str:
     name = cfg.mlflow.experiment
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    client = _client(uri)
-    exp = client.get_experiment_by_name(name)
+    mlflow_client = client(cfg)
+    exp = mlflow_client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location(cfg))
+            return mlflow_client.create_experiment(name, artifact_location=artifact_location(cfg))
         except MlflowException:
             # another process (a parallel trial) created it in between
-            exp = client.get_experiment_by_name(name)
+            exp = mlflow_client.get_experiment_by_name(name)
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -197,21 +198,28 @@ def local_ray_env() -> dict[str, str]:
     }
 
 
-def _failure_message(err: BaseException) -> str:
-    """The most useful line of a Ray Train failure: a worker's own exception, rank 0 first."""
+def error_line(text: str) -> str:
+    """The most telling line of an error text (a Ray traceback): the last ``SomeError: message`` line."""
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    pattern = re.compile(r"^([\w.]+(Error|Exception|Interrupt)|\w+Error\(.*)")
+    for line in reversed(lines):
+        if pattern.match(line):
+            return line
+    return lines[-1] if lines else "unknown error"
+
+
+def worker_error(err: BaseException) -> str:
+    """The workers' own error line from a Ray Train failure (rank 0 first)."""
     failures = getattr(err, "worker_failures", None) or {}
     texts = [str(failures[r]) for r in sorted(failures)] or [str(err)]
-    lines = [ln.strip() for ln in texts[0].strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(err).__name__
+    return error_line(texts[0])
 
 
 def _launch_runs(cfg: Config, launch_id: str) -> tuple[Any, list]:
     """(client, MLflow runs of this launch); no runs when the store cannot be read."""
-    from mlflow import MlflowClient
-
     from q2l.record import LAUNCH_TAG
 
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
+    client = tracking.client(cfg)
     try:
         exp = client.get_experiment_by_name(cfg.mlflow.experiment)
         runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{LAUNCH_TAG}` = '{launch_id}'")
@@ -283,7 +291,7 @@ def run_training(cfg: Config) -> TrainOutcome:
         try:
             result = trainer.fit()
         except TrainingFailedError as e:
-            message = _failure_message(e)
+            message = worker_error(e)
             run_id = _mark_failed(cfg, trainer.train_loop_config["launch_id"], message)
             where = f"; MLflow run {run_id} marked FAILED" if run_id else ""
             raise TrainingRunError(
@@ -475,9 +483,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         "seed": cfg.train.seed,
         "rank": rank,
         "world_size": world,
-        "pin_memory": device.type == "cuda",
         "num_workers": plan.loader_workers,
-        "device": device,  # data.decode = device: decoded there
+        "device": device,  # pinned batches for a GPU; with data.decode = device, decoded there
     }
     train_loader = build_loader(splits.train, cfg.data, cfg.train.batch_size, train=True, **loader_kw)
     holdout_loader = build_loader(splits.holdout, cfg.data, cfg.train.batch_size, train=False, **loader_kw)

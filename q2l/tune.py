@@ -36,6 +36,7 @@ from typing import Any
 from q2l import sweep_record
 from q2l.config import Config, ConfigError, config_from_dict
 from q2l.search_space import SearchSpace, parse_space
+from q2l.train import error_line
 
 METRIC = "best_holdout_map"  # the best held-out mAP so far: what the logged (best-epoch) model achieves
 TIME_ATTR = "epoch"  # 1-based count of finished epochs, reported every epoch by the train layer
@@ -296,7 +297,7 @@ def _trial(
     from ray.train import TrainingFailedError
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from q2l.train import build_trainer, recorded_failure
+    from q2l.train import build_trainer, recorded_failure, worker_error
 
     trial_id = tune.get_context().get_trial_id()
     cfg = config_from_dict(base, "sweep base config").replace(space.overrides(config), f"trial {trial_id}")
@@ -316,18 +317,11 @@ def _trial(
     try:
         result = trainer.fit()
     except TrainingFailedError as e:
-        raise RuntimeError(f"trial {trial_id} failed: {_worker_error(e)}") from None
+        raise RuntimeError(f"trial {trial_id} failed: {worker_error(e)}") from None
     if "test_map" not in (result.metrics or {}):  # no final report: stopped by the scheduler, or diverged
         failure = recorded_failure(cfg, trainer.train_loop_config["launch_id"])
         if failure is not None:
             raise RuntimeError(f"trial {trial_id} failed: {failure[1]}")
-
-
-def _worker_error(err: BaseException) -> str:
-    """The workers' own error line (rank 0 first) from a Ray Train failure."""
-    failures = getattr(err, "worker_failures", None) or {}
-    texts = [str(failures[r]) for r in sorted(failures)] or [str(err)]
-    return sweep_record.error_line(texts[0])
 
 
 def _trial_name(trial) -> str:
@@ -406,14 +400,12 @@ def _trial_rows(grid, base: Config, space: SearchSpace) -> list[sweep_record.Tri
         history, train_images = [], 0.0
         if df is not None and "holdout_map" in df and TIME_ATTR in df:
             # the final (test) report repeats the last epoch: one value per epoch
-            by_epoch = df.dropna(subset=["holdout_map"]).groupby(TIME_ATTR)["holdout_map"].first()
-            history = [float(v) for v in by_epoch.tolist()]
-            if "train_images" in df:
-                train_images = float(
-                    df.dropna(subset=["train_images"]).groupby(TIME_ATTR)["train_images"].first().sum()
-                )
+            by_epoch = df.dropna(subset=["holdout_map"]).groupby(TIME_ATTR).first()
+            history = [float(v) for v in by_epoch["holdout_map"].tolist()]
+            if "train_images" in by_epoch:
+                train_images = float(by_epoch["train_images"].sum())
         if result.error is not None:
-            status, error = sweep_record.FAILED, sweep_record.error_line(str(result.error))
+            status, error = sweep_record.FAILED, error_line(str(result.error))
         elif "test_map" in metrics:
             status, error = sweep_record.COMPLETED, None
         else:

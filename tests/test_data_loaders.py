@@ -103,7 +103,7 @@ def test_build_loader_sizes_workers_from_the_plan(tmp_path):
     expected = plan_cpus(local_cores()).loader_workers
     assert build_loader(s.train, cfg, 4, train=True, seed=0).num_workers == expected
     assert build_loader(s.train, cfg, 4, train=True, seed=0, num_workers=2).num_workers == 2
-    pinned = build_loader(s.train, cfg, 4, train=True, seed=0, pin_memory=True)
+    pinned = build_loader(s.train, cfg, 4, train=True, seed=0, device="cuda")
     assert pinned.num_workers == plan_cpus(local_cores(), "cuda").loader_workers
 
 

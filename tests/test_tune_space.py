@@ -18,12 +18,12 @@ from q2l.sweep_record import (
     FAILED,
     STOPPED,
     TrialRow,
-    error_line,
     format_markdown,
     leaderboard,
     registered_model_name,
     write_plots,
 )
+from q2l.train import error_line
 from q2l.tune import _scheduler, plan_resources, resolve_sweep, write_state
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

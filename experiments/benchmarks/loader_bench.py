@@ -72,7 +72,7 @@ def run(
     torch.set_num_threads(1)
     cfg = DataConfig(root=str(root), image_size=image_size, num_workers=workers)
     ds = build_datasets(cfg).train
-    ours = build_loader(ds, cfg, batch_size, train=True, seed=0, pin_memory=pin_memory)
+    ours = build_loader(ds, cfg, batch_size, train=True, seed=0, device="cuda" if pin_memory else None)
     seed_ds = SeedDataset(ds.paths, ds.targets, image_size)
     seed_loader = DataLoader(
         seed_ds,

@@ -176,7 +176,6 @@ def engine_direct(cfg: Config) -> dict[str, Any]:
 
 def through_ray(cfg: Config, workers: int, run_name: str) -> dict[str, Any]:
     """One ``run_training`` with ``workers`` workers; per-epoch numbers from its MLflow run."""
-    from mlflow import MlflowClient
 
     from q2l import tracking
     from q2l.train import run_training
@@ -186,7 +185,7 @@ def through_ray(cfg: Config, workers: int, run_name: str) -> dict[str, Any]:
     with CpuSampler(ray=True) as sampler:
         outcome = run_training(cfg)
     wall = time.perf_counter() - start
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
+    client = tracking.client(cfg)
     history = {
         key: {m.step: m for m in client.get_metric_history(outcome.run_id, key)}
         for key in (STEADY, "images_per_s", "epoch_seconds", "holdout_map")

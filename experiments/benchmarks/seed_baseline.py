@@ -436,7 +436,7 @@ def _loader_for(
     decode = "device" if variant == "device-decode" else "loader"
     cfg = DataConfig(image_size=image_size, num_workers=workers, decode=decode)
     dataset = _q2l_dataset(run, image_size)
-    return build_loader(dataset, cfg, batch_size, train=True, seed=0, pin_memory=pin, device=device)
+    return build_loader(dataset, cfg, batch_size, train=True, seed=0, device=device)
 
 
 def _q2l_dataset(run: LoaderRun, image_size: int) -> MultiLabelDataset:

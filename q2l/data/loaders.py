@@ -101,16 +101,15 @@ def build_loader(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
-    pin_memory: bool = False,
     num_workers: int | None = None,
     device: torch.device | str | None = None,
 ) -> DataLoader | DeviceDecodedLoader:
     """A DataLoader yielding ``Batch`` es; train shuffles (seeded) and drops a last partial batch.
 
-    Worker processes: ``num_workers``, else ``data.num_workers``, else ``plan_cpus`` over this machine's
-    cores shared by ``world_size`` local processes; workers are persistent. Pass ``pin_memory=True`` when
-    the batches go to a GPU. With ``data.decode = device`` and a ``device``, workers only read the files
-    and the returned ``DeviceDecodedLoader`` decodes, resizes and augments each batch on ``device``.
+    ``device`` is where the batches go (None: the CPU): batches for a GPU come in pinned memory, and with
+    ``data.decode = device`` workers only read the files and the returned ``DeviceDecodedLoader`` decodes,
+    resizes and augments each batch there. Worker processes: ``num_workers``, else ``data.num_workers``,
+    else ``plan_cpus`` over this machine's cores shared by ``world_size`` local processes; persistent.
     """
     if world_size > 1 or train:
         base = DistributedSampler(
@@ -119,9 +118,9 @@ def build_loader(
     else:
         base = SequentialSampler(dataset)
     sampler = SeededSampler(base, seed)
+    device_type = torch.device(device).type if device is not None else "cpu"
     workers = num_workers if num_workers is not None else data_cfg.num_workers
     if workers is None:
-        device_type = "cuda" if pin_memory else "cpu"
         workers = plan_cpus(local_cores() // max(1, world_size), device_type).loader_workers
     image_size = getattr(dataset, "image_size", data_cfg.image_size)
     num_classes = len(getattr(dataset, "label_names", [])) or int(dataset[0][1].numel())
@@ -135,7 +134,7 @@ def build_loader(
         sampler=sampler,
         num_workers=workers,
         collate_fn=EncodedCollate(num_classes) if on_device else Collate(image_size, num_classes),
-        pin_memory=pin_memory,
+        pin_memory=device_type == "cuda",
         drop_last=train and len(sampler) >= batch_size,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
