@@ -133,10 +133,17 @@ def test_sweep_with_asha_records_trials_survives_a_bad_trial_and_registers_chall
         history = client.get_metric_history(child.info.run_id, "holdout_map")
         assert sorted(m.step for m in history) == list(range(1, len(history) + 1))  # each epoch once
         stopped = child.data.tags["q2l.stopped_by_asha"] == "true"
+        counted = int(child.data.tags["q2l.epochs_run"])  # the epochs Tune received
         # ASHA stops a trial at its epoch-1 rung, never at the last epoch (which ends with the test split)
-        assert len(history) == (1 if stopped else 2)
-        assert ("test_map" in child.data.metrics) != stopped
-        epochs_run += len(history)
+        assert counted == (1 if stopped else 2)
+        if stopped:
+            # Tune's stop reaches the workers seconds later (the controller polls their reports): with
+            # these ~1 s epochs a stopped trial may have logged more before it, so the record holds at least
+            # the epochs Tune counted
+            assert len(history) >= counted
+        else:
+            assert len(history) == counted and "test_map" in child.data.metrics
+        epochs_run += counted
     metrics = parent.data.metrics
     assert metrics["trials_failed"] == 1 and metrics["trials_completed"] + metrics["trials_stopped"] == 2
     assert metrics["epochs_run"] == epochs_run and metrics["epoch_budget"] == 4
