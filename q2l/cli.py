@@ -9,13 +9,15 @@ from pathlib import Path
 
 import typer
 
-from q2l.config import Config, ConfigError, load_config
+from q2l.config import Config, ConfigError, ResolvedConfig, resolve_config
 
 app = typer.Typer(
     help="Query2Label on Ray + MLflow: data, train, tune, promote, predict, bench.", no_args_is_help=True
 )
 data_app = typer.Typer(help="Data sets: make the demo set, validate a set.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+config_app = typer.Typer(help="Configs: show the resolved config.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 
 CONFIG_OPT = typer.Option(
     None, "--config", "-c", help="YAML config under experiments/ (defaults if omitted)."
@@ -23,13 +25,24 @@ CONFIG_OPT = typer.Option(
 SET_OPT = typer.Option(None, "--set", "-s", help="Override one key: section.key=value (repeatable).")
 
 
-def _config(config: Path | None, overrides: list[str] | None) -> Config:
-    """Load and validate; a bad config is a usage error (exit 2) before anything starts."""
+def _resolved(config: Path | None, overrides: list[str] | None) -> ResolvedConfig:
+    """File, --set and MLflow's variables, validated; a bad config exits 2 before anything starts."""
     try:
-        return load_config(config, overrides or [])
+        return resolve_config(config, overrides or [])
     except ConfigError as e:
         typer.secho(f"config error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+
+
+def _config(config: Path | None, overrides: list[str] | None) -> Config:
+    """The config every command runs with (see ``_resolved``)."""
+    return _resolved(config, overrides).config
+
+
+@config_app.command("show")
+def config_show(config: Path | None = CONFIG_OPT, set: list[str] | None = SET_OPT) -> None:
+    """Print the resolved config as YAML, each given key marked with its source (file, --set, $VARIABLE)."""
+    typer.echo(_resolved(config, set).to_annotated_yaml(), nl=False)
 
 
 @data_app.command("demo")
@@ -61,11 +74,19 @@ def data_validate(
     ),
     images: Path | None = typer.Option(None, "--images", help="Image folder (COCO, CSV)."),
     root: Path | None = typer.Option(None, "--root", help="VOC: the VOC2007 folder."),
+    max_image_pixels: int | None = typer.Option(
+        None, "--max-image-pixels", min=1, help="Decoding limit (data.max_image_pixels; default its default)."
+    ),
 ) -> None:
-    """Scan a whole data set and list every problem; exit 1 if there is any."""
-    from q2l.data.validate import validate_dataset
+    """Scan a whole data set and list every problem; exit 1 if there is any, 2 for bad arguments."""
+    from q2l.data.validate import ArgumentsError, validate_dataset
 
-    problems = validate_dataset(format=format, annotations=annotations, images=images, root=root)
+    limit = {"max_pixels": max_image_pixels} if max_image_pixels is not None else {}
+    try:
+        problems = validate_dataset(format=format, annotations=annotations, images=images, root=root, **limit)
+    except ArgumentsError as e:
+        typer.secho(f"usage error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
     for p in problems:
         typer.echo(str(p))
     typer.echo(f"{len(problems)} problem(s)")
@@ -78,10 +99,13 @@ def train(config: Path | None = CONFIG_OPT, set: list[str] | None = SET_OPT) -> 
     cfg = _config(config, set)
     from q2l.data import DataError
     from q2l.tracking import TrackingUnavailableError
-    from q2l.train import TrainingRunError, run_training
+    from q2l.train import TrainingInputError, TrainingRunError, run_training
 
     try:
         run_training(cfg)
+    except TrainingInputError as e:
+        typer.secho(str(e), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
     except (TrackingUnavailableError, DataError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
@@ -98,8 +122,8 @@ def tune(
 ) -> None:
     """Sweep with Ray Tune (Optuna TPE + ASHA); each trial is a Ray Train run; the best becomes challenger."""
     cfg = _config(config, set)
+    from q2l.sweep.runner import run_sweep
     from q2l.tracking import TrackingUnavailableError
-    from q2l.tune import run_sweep
 
     try:
         run_sweep(cfg, resume=resume)
@@ -126,7 +150,7 @@ def promote(
     Exit code 0 promoted (or would be, with --dry-run), 1 refused (gate or label mismatch), 2 usage error.
     """
     cfg = _config(config, set)
-    from q2l.promote import run_promote
+    from q2l.registry.promote import run_promote
 
     code = run_promote(
         cfg,
@@ -134,7 +158,6 @@ def promote(
         candidate,
         dry_run=dry_run,
         rollback_=rollback,
-        echo=typer.echo,
         error=lambda line: typer.secho(line, fg=typer.colors.RED, err=True),
     )
     raise typer.Exit(code)
@@ -166,7 +189,7 @@ def predict(
     Exit code 0 when images were labelled, 1 when none could be read, 2 usage error.
     """
     cfg = _config(config, set)
-    from q2l.predict import run_predict
+    from q2l.registry.predict import run_predict
     from q2l.tracking import tracking_uri
 
     code = run_predict(
@@ -178,6 +201,7 @@ def predict(
         explain_dir=explain,
         batch_size=batch_size,
         tracking_uri=tracking_uri(cfg),
+        max_image_pixels=cfg.data.max_image_pixels,
     )
     raise typer.Exit(code)
 

@@ -1,4 +1,4 @@
-"""Asymmetric Loss for multi-label classification (Ridnik et al., 2021; DESIGN §3)."""
+"""Asymmetric Loss for multi-label classification (Ridnik et al., 2021; docs/design.md §3)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,11 @@
-"""Multi-label metrics: per-class AP, mAP, CP/CR/CF1 and OP/OR/OF1 (DESIGN §4).
+"""Multi-label metrics: per-class AP, mAP, CP/CR/CF1 and OP/OR/OF1 (docs/design.md §4).
 
 All functions take ``scores`` [N, C] (probabilities for the thresholded metrics) and ``targets`` [N, C]
 with 1 = positive, 0 = negative and -1 = unknown; unknown entries are ignored everywhere. Everything is
-vectorised over classes: one ``torch.sort`` of the whole matrix and cumulative sums.
+vectorised over classes: one ``torch.sort`` of the whole matrix and cumulative sums. AP stays hand-written
+because it is faster than torchmetrics' and scikit-learn's (experiments/benchmarks/metrics_bench.py has the
+ratios; tests/test_metrics.py checks it against both); the thresholded and top-k precision and recall come
+from torchmetrics.
 """
 
 from __future__ import annotations
@@ -77,24 +80,29 @@ def voc_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.
     return torch.where(num_pos > 0, ap, torch.full_like(ap, math.nan))
 
 
-def _prf(pred: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> tuple[float, ...]:
-    """CP, CR, CF1, OP, OR, OF1 (0-100) from boolean predictions; per-class means over ``valid`` classes."""
-    known = targets >= 0
-    positive = targets > 0.5
-    pred = pred & known
-    tp = (pred & positive).sum(0).to(torch.float64)
-    n_pred = pred.sum(0).to(torch.float64)
-    n_pos = positive.sum(0).to(torch.float64)
-    # A class with no predictions has precision 0 by definition (nothing retrieved, nothing right).
-    cls_p = torch.where(n_pred > 0, tp / n_pred.clamp(min=1), torch.zeros_like(tp))
-    cls_r = tp / n_pos.clamp(min=1)
+def _prf(pred: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> tuple[float, ...]:
+    """CP, CR, CF1, OP, OR, OF1 (0-100) from boolean predictions and ``labels`` (1/0/-1, long).
+
+    torchmetrics counts and divides (unknown labels ignored; a class with no predictions has precision 0:
+    nothing retrieved, nothing right). CP and CR are per-class means over the ``valid`` classes only, not
+    torchmetrics' "macro", which also averages classes without positives. CF1 and OF1 are the harmonic means
+    of (CP, CR) and (OP, OR) as in the multi-label papers, not a mean of per-class F1.
+    """
+    # imported here: the Engine imports this module, and the GPU benchmark image (experiments/benchmarks/
+    # gpu.sh) has torch, torchvision and timm only
+    from torchmetrics.functional.classification import multilabel_precision, multilabel_recall
+
+    kw = {"num_labels": labels.shape[1], "ignore_index": -1, "validate_args": False, "zero_division": 0}
+    preds = pred.long()  # integer predictions: torchmetrics applies no threshold of its own
     if valid.any():
-        cp = cls_p[valid].mean().item()
-        cr = cls_r[valid].mean().item()
+        cls_p = multilabel_precision(preds, labels, average="none", **kw).reshape(-1)
+        cls_r = multilabel_recall(preds, labels, average="none", **kw).reshape(-1)
+        cp = cls_p[valid].double().mean().item()
+        cr = cls_r[valid].double().mean().item()
+        or_ = multilabel_recall(preds, labels, average="micro", **kw).item()
     else:
-        cp = cr = math.nan
-    op = (tp.sum() / n_pred.sum()).item() if n_pred.sum() > 0 else 0.0
-    or_ = (tp.sum() / n_pos.sum()).item() if n_pos.sum() > 0 else math.nan
+        cp = cr = or_ = math.nan  # no positive label at all: recall is undefined
+    op = multilabel_precision(preds, labels, average="micro", **kw).item()
     return tuple(100 * v for v in (cp, cr, _f1(cp, cr), op, or_, _f1(op, or_)))
 
 
@@ -158,10 +166,13 @@ def summarize(
     excluded = torch.nonzero(~valid).flatten().tolist()
     mean_ap = 100 * ap[valid].mean().item() if valid.any() else math.nan
 
-    at_threshold = _prf(scores >= threshold, targets, valid)
+    labels = torch.where(targets >= 0, (targets > 0.5).long(), -1)
+    # ">=": a score equal to the threshold is a prediction (torchmetrics' own thresholding uses ">")
+    at_threshold = _prf(scores >= threshold, labels, valid)
+    # top-k: each image's k highest scores are its predictions (torchmetrics has no multilabel top-k)
     top = torch.zeros_like(scores, dtype=torch.bool)
     top.scatter_(1, scores.topk(top_k, dim=1).indices, True)
-    at_top = _prf(top, targets, valid)
+    at_top = _prf(top, labels, valid)
     return MetricSummary(
         mean_ap,
         ap,

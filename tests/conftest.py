@@ -1,47 +1,74 @@
-"""Shared fixtures: one local Ray per session, a tiny demo data set, a tiny config recording to tmp MLflow.
+"""Shared fixtures: a clean environment, a local Ray per module, a tiny demo data set, MLflow stores.
 
-- ``ray_local``: a local Ray (2 CPUs, no dashboard, node on 127.0.0.1) started once and shut down at the
-  end of the session; tests that need Ray request it (Ray is never started otherwise).
+- The caller's ``MLFLOW_*`` and ``RAY_*`` variables are cleared for the whole suite (``clean_environment``):
+  a developer's ``MLFLOW_TRACKING_URI`` or ``RAY_ADDRESS`` must not steer a test's runs.
+- ``ray_local``: a local Ray (``RAY_CPUS`` CPUs, dashboard and node on 127.0.0.1), started for the module
+  that asks for it and shut down after its last test; its environment settings are restored then.
 - ``tiny_demo_root``: 48 train + 24 val demo images at 64 px in COCO layout, generated once per session.
+- ``mlflow_store``: a fresh SQLite MLflow store, schema already migrated, where a config with
+  ``mlflow.results_dir = tmp_path / "results"`` records; returns its tracking URI. Migrating a new store
+  takes seconds, so one is migrated per session and copied per test (milliseconds).
 - ``mlflow_tmp_config``: a ``Config`` for plumbing tests: the tiny demo set, a small ``resnet18``
-  (``pretrained=False``) at 32 px, 2 epochs, 2 CPU workers; MLflow (SQLite) and Ray storage under the
-  test's ``tmp_path``. Tests derive variants with ``cfg.replace({...})``.
+  (``pretrained=False``) at 32 px, 2 epochs, 2 CPU workers; MLflow (SQLite, created by the run itself) and
+  Ray storage under the test's ``tmp_path``. Tests derive variants with ``cfg.replace({...})``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 from model_fixtures import tiny_config_dict
+from support import free_port
 
 from q2l.config import Config, config_from_dict
 
+RAY_CPUS = 2  # what ray_local gives Ray, whatever the machine has: expectations derive from this
 
-@pytest.fixture(scope="session")
+
+@pytest.fixture(scope="session", autouse=True)
+def clean_environment():
+    """Clear the caller's ``MLFLOW_*`` and ``RAY_*`` variables for the suite; they come back at its end."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in list(os.environ):
+            if key.startswith(("MLFLOW_", "RAY_")):
+                mp.delenv(key)
+        yield
+
+
+@pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray for the whole session (2 CPUs, loopback, quiet); yields the ``ray`` module."""
+    """A local Ray for one test module (``RAY_CPUS`` CPUs, loopback, quiet); yields the ``ray`` module.
+
+    It has a dashboard on loopback, named by ``RAY_API_SERVER_ADDRESS`` while the module runs: Ray's state
+    API (``ray.util.state``, which the failure tests use to find a Train worker's pid) answers through it.
+    """
     import ray
 
-    from q2l.train import local_ray_env
+    from q2l.ray_runtime import local_ray_env
 
-    # inherited by every process the raylet starts: q2l's quiet and safe settings for a local Ray
-    for key, value in local_ray_env().items():
-        os.environ.setdefault(key, value)
-
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=True,
-        logging_level="warning",
-    )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    assert not ray.is_initialized(), "a Ray from another module is still up"
+    port = free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        # inherited by every process the raylet starts: q2l's settings for a local Ray with a dashboard
+        for key, value in local_ray_env(f"http://127.0.0.1:{port}").items():
+            mp.setenv(key, value)
+        ray.init(
+            address="local",
+            num_cpus=RAY_CPUS,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+            logging_level="warning",
+        )
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +79,34 @@ def tiny_demo_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo") / "demo"
     make_demo_dataset(root, num_train=48, num_val=24, size=64, seed=0, workers=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def migrated_mlflow_db(tmp_path_factory) -> Path:
+    """One SQLite MLflow database per session, created (schema migrated) through MLflow's own client."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
+    client.search_experiments()  # opening the store creates and migrates its schema
+    client.search_registered_models()
+    return db
+
+
+@pytest.fixture
+def mlflow_store(migrated_mlflow_db, tmp_path) -> str:
+    """A fresh, migrated SQLite MLflow store under ``tmp_path / "results"``; its tracking URI.
+
+    It lies where ``q2l.tracking`` puts the store of ``mlflow.results_dir = tmp_path / "results"``, so such
+    a config (``mlflow_tmp_config`` too) records into it.
+    """
+    from q2l.tracking import tracking_uri
+
+    uri = tracking_uri(config_from_dict({"mlflow": {"results_dir": str(tmp_path / "results")}}))
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(migrated_mlflow_db, db)
+    return uri
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +94,36 @@ def make_voc_set(root: Path) -> Path:
         (root / "Annotations" / f"{image_id}.xml").write_text(xml)
         write_jpeg(root / "JPEGImages" / f"{image_id}.jpg", seed=k)
     return root
+
+
+def write_bomb_png(path: Path, width: int = 16000, height: int = 16000) -> Path:
+    """A constant grayscale PNG of ``width`` × ``height`` pixels, small on disk (~275 kB for 16000²).
+
+    Written row by row through a streaming zlib compressor, so that making it never holds more than one
+    row of pixels (decoding it to RGB takes 3·width·height bytes: 768 MB for 16000²).
+    """
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = b"\0" + b"\x80" * width  # filter type 0, then one gray byte per pixel
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def claim_jpeg_size(path: Path, width: int, height: int) -> Path:
+    """Rewrite the frame size in a baseline JPEG's SOF0 header; the scan data stays the original image's."""
+    data = bytearray(path.read_bytes())
+    with Image.open(path) as im:
+        w, h = im.size
+    at = data.find(b"\xff\xc0")
+    assert at > 0 and struct.unpack(">HBHH", data[at + 2 : at + 9])[1:] == (8, h, w), "no baseline SOF0"
+    data[at + 5 : at + 9] = struct.pack(">HH", height, width)
+    path.write_bytes(bytes(data))
+    return path

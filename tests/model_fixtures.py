@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as F
+from PIL import Image
+from torchvision.transforms import InterpolationMode
 
-from q2l.data.images import decode_rgb
-from q2l.data.transforms import squish_resize
 from q2l.models import Query2Label
 
 # the tiny transformer of every test model: d = 32, 2 heads, one encoder and one decoder layer, ff 64
@@ -24,14 +25,24 @@ def tiny_model(seed: int, num_classes: int, hidden_dim: int = 32) -> Query2Label
 
 @torch.no_grad()
 def reference_probs(model: Query2Label, paths: list[Path], size: int) -> np.ndarray:
-    """The torch model's sigmoid output, with the preprocessing written out here.
+    """The torch model's sigmoid output, with the preprocessing written out here (no q2l data code).
 
-    Decode, squish resize to ``size``, ``(x/255 - mean)/std`` with the model's own mean and std.
+    PIL decode to RGB; a "squish" resize to ``size`` x ``size`` ignoring the aspect ratio, bilinear with
+    antialiasing on the uint8 image (torchvision's v2 kernel, which rounds uint8 as training's resize does;
+    an image already that size is left as it is); then ``(x/255 - mean)/std`` with the model's mean and std.
     """
-    images = torch.stack([squish_resize(decode_rgb(p), size) for p in paths]).float() / 255
+    images = torch.stack([_squished(p, size) for p in paths]).float() / 255
     mean = torch.tensor(model.data_config["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.data_config["std"]).view(1, 3, 1, 1)
     return torch.sigmoid(model((images - mean) / std)).numpy()
+
+
+def _squished(path: Path, size: int) -> torch.Tensor:
+    with Image.open(path) as im:
+        rgb = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+    if rgb.shape[-2:] == (size, size):
+        return rgb
+    return F.resize(rgb, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
 def tiny_config_dict(data_root: Path, **sections: dict) -> dict:

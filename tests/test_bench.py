@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # experiments/ is not an installed package: import it from the checkout
     sys.path.insert(0, str(REPO))
 
-from experiments.benchmarks import memory_bench, metrics_bench, seed_baseline, suite  # noqa: E402
+from experiments.benchmarks import common, memory_bench, metrics_bench, seed_baseline, suite  # noqa: E402
 
 TINY = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "2", "--threads", "1"]
 
@@ -63,8 +63,6 @@ def test_synthetic_jpegs_are_real_decodable_images(tmp_path):
     assert Path(again[0]).read_bytes() == Path(paths[0]).read_bytes()  # seeded
 
 
-# the seed's GradScaler skips the first fp16 step (inf gradients at the initial scale), as AMP does
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_seed_and_engine_steps_train_the_same_model():
     model = {"backbone": "resnet18", "hidden_dim": 32, "num_heads": 2, "dim_feedforward": 64}
     images, targets = seed_baseline.synthetic_batch(2, 32)
@@ -78,8 +76,45 @@ def test_seed_and_engine_steps_train_the_same_model():
     before = [p.detach().clone() for p in fp32.model.parameters()]
     assert math.isfinite(seed.step(x, targets)) and math.isfinite(fp32.step(images, targets))
     assert any(not torch.equal(a, b) for a, b in zip(before, fp32.model.parameters(), strict=True))
-    assert (seed.precision, seed.channels_last) == ("fp16", False)
+    # on a CPU the seed trained in plain fp32 (its fp16 autocast and GradScaler were CUDA-only)
+    assert (seed.precision, seed.channels_last) == ("fp32", False) and not seed.scaler.is_enabled()
+    assert seed_baseline.variant_precision("seed", torch.device("cuda")) == "fp16"
     assert (fp32.precision, fp32.channels_last) == ("fp32", False)
+
+
+def test_write_json_and_device_choice(tmp_path):
+    path = common.write_json(tmp_path / "deep" / "r.json", {"a": 1.5, "p": Path("x"), "n": None})
+    assert json.loads(path.read_text()) == {"a": 1.5, "p": "x", "n": None}
+    assert common.resolve_device("cpu") == torch.device("cpu")
+    assert common.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_mfu_only_against_a_peak_that_applies():
+    cpu = torch.device("cpu")
+    assert "fp16" not in common.native_precisions(cpu)  # emulated on every CPU: no peak, no MFU
+    assert ("bf16" in common.native_precisions(cpu)) == cpu_bf16_supported()
+    assert common.native_precisions(torch.device("cuda")) == ("fp32", "bf16", "fp16")
+    rows = [
+        {"variant": "a", "precision": "fp32", "channels_last": False, "step_s": 1.0},
+        {"variant": "b", "precision": "fp16", "channels_last": False, "step_s": 1.0},
+    ]
+    seed_baseline.add_utilisation(rows, 1e9, 2, {"fp32": 12e9})
+    assert rows[0]["utilisation"] == pytest.approx(0.5) and rows[1]["utilisation"] is None
+    assert rows[1]["achieved_tflops"] == pytest.approx(6e-3)
+    for r in rows:
+        r.update(cpu_s=1.0, images_per_s=2.0)
+    table = seed_baseline.describe(
+        {
+            "backbone": "m",
+            "image_size": 32,
+            "batch_size": 2,
+            "device": "cpu",
+            "torch": "x",
+            "matmul_peak_tflops": {"fp32": 0.012},
+            "results": rows,
+        }
+    )
+    assert "50.0%" in table and table.splitlines()[-1].split()[7] == "-"
 
 
 def test_markdown_table_of_a_seed_result():
@@ -107,17 +142,20 @@ def test_markdown_table_of_a_seed_result():
     result["loader_included"][0]["images_per_s_per_worker"] = 10.0
     md = suite.markdown(result)
     assert "| default | bf16 | yes | 0.2000 | 320.0 | 20.0% | 30000 | 3500 | 2.0 | 2.00× |" in md
+    result["results"][0]["utilisation"] = None  # no peak for that precision on that device
+    assert "| seed | fp16 | no | 0.4000 | 160.0 | - | 40000 |" in suite.markdown(result)
     assert "| seed | 15 | 150.0 | 10.0 |" in md and "skipped (time budget): step default+compile" in md
 
 
-@pytest.mark.slow
-def test_part_c_small_n_matches_sklearn(tmp_path, monkeypatch):
-    pytest.importorskip("sklearn")
-    monkeypatch.setattr(metrics_bench, "NUM_IMAGES", 2000)
+def test_part_c_small_n_matches_sklearn_and_torchmetrics(tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics_bench, "SIZES", (600, 1200))
     assert suite.main(["c", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "metrics.json").read_text())
-    assert result["num_images"] == 2000 and result["max_abs_diff_vs_sklearn"] < 1e-9
-    assert result["speedup"] > 0 and result["part_seconds"] > 0
+    assert [r["num_images"] for r in result["rows"]] == [600, 1200]
+    for r in result["rows"]:
+        assert r["max_abs_diff_vs_sklearn"] < 1e-9 and r["max_abs_diff_vs_torchmetrics"] < 1e-6
+        assert r["ratio_torchmetrics"] > 0 and r["ratio_sklearn"] > 0 and r["summarize_s"] > 0
+    assert result["part_seconds"] > 0
 
 
 @pytest.mark.slow
@@ -148,10 +186,10 @@ def test_part_e_cpu_peak_rss_grows_with_batch(tmp_path):
 @pytest.mark.slow
 def test_seed_part_runs_with_only_the_gpu_image_packages(tmp_path):
     """The GPU image has torch, torchvision and timm only: gpu.sh's path must not need pycocotools, Ray,
-    MLflow, Optuna, Typer or pydantic. They are made unimportable in a fresh interpreter."""
+    MLflow, Optuna, Typer, pydantic or torchmetrics. They are made unimportable in a fresh interpreter."""
     code = """
 import sys
-for name in ("pycocotools", "ray", "mlflow", "optuna", "typer", "pydantic", "sklearn"):
+for name in ("pycocotools", "ray", "mlflow", "optuna", "typer", "pydantic", "sklearn", "torchmetrics"):
     sys.modules[name] = None
 from experiments.benchmarks import suite
 sys.exit(suite.main(sys.argv[1:]))
@@ -161,7 +199,12 @@ sys.exit(suite.main(sys.argv[1:]))
     args += ["--loader-variants", "default", "seed", "device-decode"]  # as gpu.sh
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-c", code, "seed", *args], cwd=REPO, env=env, capture_output=True, text=True
+        [sys.executable, "-c", code, "seed", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,  # a hang guard only
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "seed_resnet18_32.json").read_text())
@@ -171,7 +214,7 @@ sys.exit(suite.main(sys.argv[1:]))
     assert result["speedup_vs_seed"]["default"] > 0 and "loader_included_speedup_vs_seed" in result
     assert result["device_decode_speedup_vs_seed"] > 0
     assert set(result["loader_cpu_ms_per_image"]) == {"q2l", "seed"}
-    assert "| seed | fp16 | no |" in (tmp_path / "seed_resnet18_32.md").read_text()
+    assert "| seed | fp32 | no |" in (tmp_path / "seed_resnet18_32.md").read_text()  # the seed's CPU path
 
 
 @pytest.mark.slow

@@ -281,6 +281,144 @@ def test_mlflow_server_is_authenticated_and_uses_postgres_and_s3():
     assert svc["spec"]["type"] == "ClusterIP"
 
 
+# ------------------------------------------------------------------------------------- least privilege
+def _bucket_of(uri: str) -> str:
+    assert uri.startswith("s3://"), uri
+    return uri[len("s3://") :].split("/", 1)[0]
+
+
+def _policy_buckets(name: str) -> set[str]:
+    """The buckets an IAM policy of cluster/aws/iam grants anything on."""
+    import json
+
+    doc = json.loads((CLUSTER / "aws" / "iam" / name).read_text())
+    out = set()
+    for st in doc["Statement"]:
+        assert st["Effect"] == "Allow" and "*" not in str(st["Action"]), f"{name}: {st}"
+        for arn in [st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"]:
+            m = re.fullmatch(r"arn:aws:s3:::([a-z0-9.-]+)(/\*)?", arn)
+            assert m, f"{name}: {arn} is not a bucket or its objects"
+            out.add(m.group(1))
+    return out
+
+
+def _s3_secrets(pod: dict) -> set[str]:
+    """Secrets a pod's containers take AWS keys from."""
+    return {
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for c in pod["containers"]
+        for e in c.get("env", [])
+        if e["name"].startswith("AWS_") and "secretKeyRef" in e.get("valueFrom", {})
+    }
+
+
+def _ray_pods() -> list[tuple[str, dict]]:
+    return [
+        (f"{d['kind']} {d['metadata']['name']} pod {i}", pod)
+        for d in _by_kind("RayCluster") + _by_kind("RayJob")
+        for i, pod in enumerate(_pod_specs(d))
+    ]
+
+
+def test_mlflow_artifacts_and_ray_storage_are_separate_buckets_with_separate_keys():
+    (cm,) = [d for d in _by_kind("ConfigMap") if d["metadata"]["name"] == "q2l-config"]
+    mlflow_bucket = _bucket_of(cm["data"]["MLFLOW_ARTIFACTS_DESTINATION"])
+    ray_bucket = _bucket_of(cm["data"]["Q2L_RAY_STORAGE"])
+    assert mlflow_bucket != ray_bucket, "MLflow's artifacts and Ray's storage must not share a bucket"
+    # the AWS policies grant each role its own bucket only, and name the same buckets as the ConfigMap
+    assert _policy_buckets("q2l-mlflow-server.json") == {mlflow_bucket}
+    assert _policy_buckets("q2l-ray-node.json") == {ray_bucket}
+    (job,) = _by_kind("RayJob")
+    entry = job["spec"]["entrypoint"].split()
+    storage = [
+        entry[i + 1] for i, t in enumerate(entry) if t == "--set" and entry[i + 1].startswith("ray.storage")
+    ]
+    assert [_bucket_of(v.split("=", 1)[1]) for v in storage] == [ray_bucket]
+    # the MLflow server alone holds the artifact bucket's key; Ray pods hold another one (or none)
+    (mlflow,) = [d for d in _by_kind("Deployment") if d["metadata"]["name"] == "q2l-mlflow"]
+    mlflow_secrets = _s3_secrets(mlflow["spec"]["template"]["spec"])
+    assert len(mlflow_secrets) == 1, mlflow_secrets
+    ray_secrets = set()
+    for where, pod in _ray_pods():
+        assert not _s3_secrets(pod) & mlflow_secrets, f"{where} holds the MLflow artifact bucket's key"
+        ray_secrets |= _s3_secrets(pod)
+    assert ray_secrets, "the Ray pods need the Ray bucket's key"
+    for path, doc in _docs():
+        if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "q2l-mlflow":
+            continue
+        for pod in _pod_specs(doc):
+            assert not _s3_secrets(pod) & mlflow_secrets, (
+                f"{path}: {doc['metadata']['name']} holds MLflow's key"
+            )
+    # the MLflow server gets no storage of Ray's, and serves artifacts itself (clients never need its key)
+    args = mlflow["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--artifacts-destination=$(MLFLOW_ARTIFACTS_DESTINATION)" in args
+    assert "--no-serve-artifacts" not in args
+
+
+def test_ray_pods_run_as_non_root_without_privileges():
+    pods = _ray_pods()
+    assert len(pods) >= 3, "head, GPU workers and the RayJob's submitter"
+    for where, pod in pods:
+        ctx = pod.get("securityContext", {})
+        assert ctx.get("runAsNonRoot") is True and ctx.get("runAsUser", 0) != 0, f"{where}: {ctx}"
+        for c in pod["containers"]:
+            cc = c.get("securityContext", {})
+            assert cc.get("allowPrivilegeEscalation") is False, f"{where} {c['name']}: {cc}"
+            assert cc.get("capabilities", {}).get("drop") == ["ALL"], f"{where} {c['name']}: {cc}"
+            assert not cc.get("privileged") and cc.get("runAsUser", 1) != 0, f"{where} {c['name']}: {cc}"
+    # the MLflow pod is held to the same rule it set the example for
+    (mlflow,) = [d for d in _by_kind("Deployment") if d["metadata"]["name"] == "q2l-mlflow"]
+    assert mlflow["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels", "matchExpressions"}, selector
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        present = e["key"] in labels
+        ok = {
+            "Exists": present,
+            "DoesNotExist": not present,
+            "In": present and labels[e["key"]] in e.get("values", []),
+            "NotIn": not present or labels[e["key"]] not in e.get("values", []),
+        }[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def test_network_policies_let_only_mlflow_reach_postgres():
+    (pg,) = _by_kind("StatefulSet")
+    pg_labels = pg["spec"]["template"]["metadata"]["labels"]
+    policies = [p for p in _by_kind("NetworkPolicy") if _selects(p["spec"]["podSelector"], pg_labels)]
+    assert policies, "no NetworkPolicy selects the PostgreSQL pods"
+    # every pod template of the namespace (KubeRay adds ray.io/node-type to Ray pods)
+    pods = {}
+    for _, doc in _docs():
+        if doc["kind"] in ("Deployment", "StatefulSet", "Job"):
+            pods[doc["metadata"]["name"]] = doc["spec"]["template"]["metadata"]["labels"]
+    (rc,) = _by_kind("RayCluster")
+    head_labels = rc["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    pods["ray-head"] = {**head_labels, "ray.io/node-type": "head"}
+    for g in rc["spec"]["workerGroupSpecs"]:
+        pods[f"ray-{g['groupName']}"] = {**g["template"]["metadata"]["labels"], "ray.io/node-type": "worker"}
+    allowed = set()
+    for p in policies:
+        assert "Ingress" in p["spec"]["policyTypes"], p["metadata"]["name"]
+        for rule in p["spec"].get("ingress", []):
+            peers = rule.get("from")
+            assert peers, f"{p['metadata']['name']}: an ingress rule without 'from' admits everyone"
+            for peer in peers:
+                assert set(peer) == {"podSelector"}, (
+                    f"{p['metadata']['name']}: only pods of this namespace: {peer}"
+                )
+                allowed |= {name for name, labels in pods.items() if _selects(peer["podSelector"], labels)}
+            assert {port["port"] for port in rule.get("ports", [])} == {5432}, p["metadata"]["name"]
+    assert allowed == {"q2l-mlflow"}, f"pods allowed to reach PostgreSQL: {sorted(allowed)}"
+
+
 # ---------------------------------------------------------------------------------------- cluster launcher
 def _launcher() -> dict:
     return yaml.safe_load((CLUSTER / "aws" / "cluster.yaml").read_text())
@@ -318,6 +456,9 @@ def test_launcher_has_cpu_head_gpu_workers_token_auth_and_installs_the_project()
     assert cfg["file_mounts"]["~/q2l"] == "."
     assert {".git", ".venv", "data", "results"} <= set(cfg["rsync_exclude"])
     assert "~/.ray/auth_token" in cfg["file_mounts"]
+    # the nodes' instance profile is the Ray role; its policy reaches the Ray bucket only
+    assert {t["node_config"]["IamInstanceProfile"]["Name"] for t in types.values()} == {"q2l-ray-node"}
+    assert (CLUSTER / "aws" / "iam" / "q2l-ray-node.json").is_file()
     starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
     for cmd in (c for c in starts if "ray start" in c):
         assert "RAY_AUTH_MODE=token" in cmd and "--disable-usage-stats" in cmd

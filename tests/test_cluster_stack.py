@@ -1,8 +1,10 @@
 """The production-shaped stack of ``cluster/local`` on this machine, end to end (slow).
 
-One stack (PostgreSQL, moto S3, MLflow with basic auth, a two-node Ray with token auth) comes up once for the
-module on free ports in a fresh state folder; the tests use it through its env file like a user would, and the
-last test tears it down and checks that nothing of it is left. Timings are printed (run with ``-s``).
+One stack (PostgreSQL, S3 with keys and bucket policies enforced, MLflow with basic auth, a two-node Ray
+with token auth) comes up once for the module on free ports in a fresh state folder; the tests use it through
+its env file like a user would (q2l only through its command line, run as Ray jobs). The module fixture tears
+it down and checks that nothing of it is left (a failure there is reported as an error in the teardown of the
+module's last test). Timings are printed (run with ``-s``); none is asserted.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ PORT_VARS = (
     "Q2L_RAY_AUTOSCALER_METRIC_PORT",
     "Q2L_RAY_DASHBOARD_METRIC_PORT",
 )
+IAM = REPO / "cluster" / "aws" / "iam"
 EXPERIMENT = "q2l-cluster-test"
 DDP_RUN = "ddp-two-nodes"
 # what `ray job submit --working-dir` must leave out of the upload (limit ~100 MiB)
@@ -132,7 +135,8 @@ def _http(
 
 @pytest.fixture(scope="module")
 def stack():
-    """The stack, up once for the module on free ports in a fresh state folder; always torn down."""
+    """The stack, up once for the module on free ports in a fresh state folder; always torn down, and then
+    checked: down.sh leaves no process of the stack and no listening port, and a second down.sh is a no-op."""
     state = Path(tempfile.mkdtemp(prefix="q2l-stack-", dir="/tmp"))
     state.chmod(0o755)  # PostgreSQL runs as the postgres user and must reach its folder inside
     ports = dict(zip(PORT_VARS, _free_ports(len(PORT_VARS)), strict=True))
@@ -140,6 +144,7 @@ def stack():
     t0 = time.perf_counter()
     out = subprocess.run([str(UP)], env=base, capture_output=True, text=True, timeout=900)
     up_s = time.perf_counter() - t0
+    s = None
     try:
         assert out.returncode == 0, f"up.sh failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
         assert f"source {state}/stack.env" in out.stdout
@@ -148,8 +153,19 @@ def stack():
         print(f"\nup.sh: {up_s:.1f} s; steps: {(state / 'timings').read_text().split()}")
         yield s
     finally:
-        subprocess.run([str(DOWN)], env=base, capture_output=True, text=True, timeout=300)
+        t0 = time.perf_counter()
+        down = subprocess.run([str(DOWN)], env=base, capture_output=True, text=True, timeout=300)
+        down_s = time.perf_counter() - t0
+        left = _stack_pids(state)
+        listening = {var: _listening(port) for var, port in ports.items()}
+        again = subprocess.run([str(DOWN)], env=base, capture_output=True, text=True, timeout=120)
         shutil.rmtree(state, ignore_errors=True)
+    # reached only when the stack came up and the tests ran
+    print(f"\ndown.sh: {down_s:.1f} s; all timings: {s.timings}")
+    assert down.returncode == 0 and "stack down" in down.stdout, down.stdout + down.stderr
+    assert left == [], f"processes of the stack left after down.sh: {left}"
+    assert not any(listening.values()), f"ports still listening after down.sh: {listening}"
+    assert again.returncode == 0 and "not running" in again.stdout, again.stdout + again.stderr
 
 
 def test_servers_listen_on_loopback_only(stack):
@@ -161,12 +177,13 @@ def test_servers_listen_on_loopback_only(stack):
 
 def test_up_again_reuses_the_running_stack(stack):
     ports_before = (stack.dir / "ports.env").read_text()
-    t0 = time.perf_counter()
-    out = stack.run([str(UP)], timeout=120)
+    pids_before = {p.name: p.read_text() for p in (stack.dir / "pids").iterdir()}
+    # the timeout only guards against a hang: a reused stack answers as soon as it has checked its processes
+    out = stack.run([str(UP)], timeout=300)
     assert out.returncode == 0, out.stderr
     assert "already up" in out.stdout
-    assert time.perf_counter() - t0 < 30
     assert (stack.dir / "ports.env").read_text() == ports_before
+    assert {p.name: p.read_text() for p in (stack.dir / "pids").iterdir()} == pids_before
 
 
 def test_secrets_are_private_and_never_on_a_command_line(stack):
@@ -238,20 +255,50 @@ def _pg(stack, sql: str, *args) -> list[tuple]:
         conn.close()
 
 
-def _s3_keys(stack, prefix: str) -> list[str]:
+def _bucket(role: str) -> str:
+    """The bucket a role's policy (cluster/aws/iam, applied by the local S3) gives it."""
+    policy = json.loads((IAM / f"q2l-{role}.json").read_text())
+    return policy["Statement"][0]["Resource"].split(":::")[1]
+
+
+MLFLOW_BUCKET, RAY_BUCKET = _bucket("mlflow-server"), _bucket("ray-node")
+
+
+def _s3(stack, role: str | None = None, secret: str | None = None):
+    """An S3 client with the key of ``role`` (``mlflow`` or ``ray``); by default the one of ``stack.env``."""
     import boto3
 
-    s3 = boto3.client(
+    key_id = stack.secret(f"s3_{role}_access_key_id") if role else stack.env["AWS_ACCESS_KEY_ID"]
+    secret = secret or (
+        stack.secret(f"s3_{role}_secret_access_key") if role else stack.env["AWS_SECRET_ACCESS_KEY"]
+    )
+    return boto3.client(
         "s3",
         endpoint_url=stack.env["AWS_ENDPOINT_URL_S3"],
-        aws_access_key_id=stack.env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=stack.env["AWS_SECRET_ACCESS_KEY"],
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret,
         region_name=stack.env["AWS_DEFAULT_REGION"],
     )
+
+
+def _s3_error(call) -> str:
+    """The S3 error code ``call()`` fails with ("" when it succeeds)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        call()
+    except ClientError as e:
+        return e.response["Error"]["Code"]
+    return ""
+
+
+def _s3_keys(stack, bucket: str, prefix: str) -> list[str]:
+    """Keys under ``prefix``, listed with the key of the role that owns ``bucket`` (as an operator would)."""
+    s3 = _s3(stack, "mlflow" if bucket == MLFLOW_BUCKET else "ray")
     keys, token = [], None
     while True:
         kw = {
-            "Bucket": stack.env["Q2L_S3_BUCKET"],
+            "Bucket": bucket,
             "Prefix": prefix,
             **({"ContinuationToken": token} if token else {}),
         }
@@ -277,8 +324,132 @@ def test_mlflow_run_is_stored_in_postgres_and_its_artifact_in_s3(stack):
     run_id = out.stdout.split("RUN ")[1].split()[0]
     assert _pg(stack, "SELECT status FROM runs WHERE run_uuid = %s", run_id) == [("FINISHED",)]
     assert _pg(stack, "SELECT value FROM metrics WHERE run_uuid = %s AND key = 'm'", run_id) == [(0.5,)]
-    keys = _s3_keys(stack, "mlflow/")
+    keys = _s3_keys(stack, MLFLOW_BUCKET, "mlflow/")
     assert any(k.endswith(f"{run_id}/artifacts/notes/hello.txt") for k in keys), keys
+
+
+# ------------------------------------------------------------------------- least privilege in S3 and MLflow
+def test_s3_enforces_each_keys_bucket(stack):
+    assert stack.env["Q2L_RAY_STORAGE"] == f"s3://{RAY_BUCKET}/ray" and MLFLOW_BUCKET != RAY_BUCKET
+    assert stack.env["AWS_ACCESS_KEY_ID"] == stack.secret("s3_ray_access_key_id")
+    ray = _s3(stack)  # the key a Ray node and the user's shell have
+    key = f"ray/probe-{uuid.uuid4().hex[:8]}"
+    assert _s3_error(lambda: ray.put_object(Bucket=RAY_BUCKET, Key=key, Body=b"ray")) == ""
+    assert ray.get_object(Bucket=RAY_BUCKET, Key=key)["Body"].read() == b"ray"
+    # Ray's key cannot touch MLflow's artifacts (registered models, the code `mlflow models serve` runs)
+    evil = "mlflow/1/some-run/artifacts/model/pyfunc_model.py"
+    assert _s3_error(lambda: ray.put_object(Bucket=MLFLOW_BUCKET, Key=evil, Body=b"x")) == "AccessDenied"
+    assert _s3_error(lambda: ray.list_objects_v2(Bucket=MLFLOW_BUCKET)) == "AccessDenied"
+    assert _s3_error(lambda: ray.delete_bucket(Bucket=MLFLOW_BUCKET)) == "AccessDenied"
+    assert _s3_error(lambda: ray.create_bucket(Bucket="q2l-other")) == "AccessDenied"
+    # and MLflow's key stays out of Ray's bucket
+    mlflow_key = _s3(stack, "mlflow")
+    assert _s3_error(lambda: mlflow_key.put_object(Bucket=RAY_BUCKET, Key=key, Body=b"x")) == "AccessDenied"
+    assert _s3_error(lambda: mlflow_key.put_object(Bucket=MLFLOW_BUCKET, Key="mlflow/probe", Body=b"x")) == ""
+    # a wrong secret, an unsigned request and moto's control API (which could switch checks off) are refused
+    wrong = _s3(stack, "ray", secret="0" * 40)
+    assert _s3_error(lambda: wrong.get_object(Bucket=RAY_BUCKET, Key=key)) == "SignatureDoesNotMatch"
+    url = stack.env["AWS_ENDPOINT_URL_S3"]
+    assert _http(f"{url}/{RAY_BUCKET}/{key}")[0] == 403
+    assert _http(f"{url}/{RAY_BUCKET}/{key}-anon", data={}, method="PUT")[0] == 403
+    for path in ("/moto-api/reset-auth", "//moto-api/reset", "/moto-api/data.json"):
+        assert _http(f"{url}{path}", data=0, method="POST")[0] == 403, path
+    assert _s3_error(lambda: ray.put_object(Bucket=MLFLOW_BUCKET, Key=evil, Body=b"x")) == "AccessDenied"
+
+
+def _environ(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_each_s3_key_reaches_only_its_role(stack):
+    mlflow_secret = stack.secret("s3_mlflow_secret_access_key")
+    ray_secret = stack.secret("s3_ray_secret_access_key")
+    mlflow_group = int((stack.dir / "pids" / "mlflow.pid").read_text())
+    holders = {"mlflow": set(), "ray": set()}
+    for pid in _stack_pids(stack.dir):
+        env = _environ(pid)
+        for role, secret in (("mlflow", mlflow_secret), ("ray", ray_secret)):
+            if secret in env:
+                holders[role].add(pid)
+    assert holders["mlflow"], "the MLflow server must hold its S3 key"
+    for pid in holders["mlflow"]:
+        try:
+            group = os.getpgid(pid)
+        except ProcessLookupError:
+            continue
+        assert group == mlflow_group, f"pid {pid} outside the MLflow server holds the MLflow bucket's key"
+    assert holders["ray"], "the Ray nodes must hold the Ray bucket's key"
+    assert not holders["mlflow"] & holders["ray"]
+    assert mlflow_secret not in "\0".join(f"{k}={v}" for k, v in stack.env.items()), (
+        "stack.env has MLflow's key"
+    )
+
+
+def _mlflow_as(stack, user: tuple[str, str], script: str, *args: str) -> str:
+    """Run an MLflow client script (with ``args``) as ``user`` against the stack; its stdout."""
+    env = {**stack.env, "MLFLOW_TRACKING_USERNAME": user[0], "MLFLOW_TRACKING_PASSWORD": user[1]}
+    out = stack.run([sys.executable, "-c", script, *args], timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_mlflow_read_only_user_cannot_register_write_or_move_aliases(stack):
+    url = stack.env["MLFLOW_TRACKING_URI"]
+    q2l = (stack.env["MLFLOW_TRACKING_USERNAME"], stack.env["MLFLOW_TRACKING_PASSWORD"])
+    admin = ("admin", stack.secret("mlflow_admin_password"))
+    reader = ("reader", uuid.uuid4().hex)
+    model = "q2l-cluster-auth"
+    # the project's user logs a run and registers it as @challenger (artifacts through the server's proxy)
+    made = _mlflow_as(
+        stack,
+        q2l,
+        "import mlflow\n"
+        "c = mlflow.MlflowClient()\n"
+        "mlflow.set_experiment('q2l-cluster-auth')\n"
+        "with mlflow.start_run() as run:\n"
+        "    mlflow.log_text('weights', 'model/weights.txt')\n"
+        f"c.create_registered_model('{model}')\n"
+        f"mv = c.create_model_version('{model}', run.info.artifact_uri + '/model', run_id=run.info.run_id)\n"
+        f"c.set_registered_model_alias('{model}', 'challenger', mv.version)\n"
+        "print('MADE', run.info.experiment_id, run.info.run_id, run.info.artifact_uri)\n",
+    )
+    exp_id, run_id, artifact_uri = made.split("MADE ")[1].split()
+    # the admin adds a user with READ on that experiment and that registered model, and nothing else
+    _mlflow_as(
+        stack,
+        admin,
+        "import os, sys\n"
+        "from mlflow.server import get_app_client\n"
+        "auth = get_app_client('basic-auth', tracking_uri=os.environ['MLFLOW_TRACKING_URI'])\n"
+        "auth.create_user(sys.argv[1], sys.argv[2])\n"
+        "auth.grant_user_permission(sys.argv[1], 'experiment', sys.argv[3], 'READ')\n"
+        "auth.grant_user_permission(sys.argv[1], 'registered_model', sys.argv[4], 'READ')\n",
+        *reader,
+        exp_id,
+        model,
+    )
+    api = f"{url}/api/2.0/mlflow"
+    assert _http(f"{api}/registered-models/get?name={model}", auth=reader)[0] == 200
+    source = f"{artifact_uri}/model"
+    new_version = {"name": model, "source": source, "run_id": run_id}
+    assert _http(f"{api}/model-versions/create", auth=reader, data=new_version, method="POST")[0] == 403
+    move = {"name": model, "alias": "champion", "version": "1"}
+    assert _http(f"{api}/registered-models/alias", auth=reader, data=move, method="POST")[0] == 403
+    drop = {"name": model, "alias": "challenger"}
+    assert _http(f"{api}/registered-models/alias", auth=reader, data=drop, method="DELETE")[0] == 403
+    # nor can it rewrite the version's files through the artifact proxy; without credentials: 401
+    file = f"{url}/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{run_id}/artifacts/model/weights.txt"
+    assert _http(file, auth=reader)[0] == 200
+    assert _http(file, auth=reader, data="evil", method="PUT")[0] == 403
+    assert _http(file, data="evil", method="PUT")[0] == 401
+    assert _http(file, auth=reader)[1] == b"weights"
+    # the registry is as the project's user left it
+    status, body = _http(f"{api}/registered-models/get?name={model}", auth=q2l)
+    assert status == 200
+    assert json.loads(body)["registered_model"].get("aliases") == [{"alias": "challenger", "version": "1"}]
 
 
 # ------------------------------------------------------------------------------------------ jobs on the stack
@@ -384,8 +555,8 @@ def test_two_worker_ddp_run_spans_both_nodes_with_checkpoints_in_s3(stack, tiny_
     assert _pg(stack, "SELECT status FROM runs WHERE run_uuid = %s", run["info"]["run_id"]) == [("FINISHED",)]
     # its artifacts went through the server into the bucket, the checkpoints straight into it
     run_id = run["info"]["run_id"]
-    assert any(f"/{run_id}/artifacts/" in k for k in _s3_keys(stack, "mlflow/"))
-    checkpoints = _s3_keys(stack, f"ray/{DDP_RUN}/checkpoint_")
+    assert any(f"/{run_id}/artifacts/" in k for k in _s3_keys(stack, MLFLOW_BUCKET, "mlflow/"))
+    checkpoints = _s3_keys(stack, RAY_BUCKET, f"ray/{DDP_RUN}/checkpoint_")
     assert {k.rsplit("/", 1)[1] for k in checkpoints} >= {"engine.pt", "best.pt", "meta.json"}
 
     # submitting the same command again restores from the S3 checkpoint: already complete, same MLflow run
@@ -396,12 +567,16 @@ def test_two_worker_ddp_run_spans_both_nodes_with_checkpoints_in_s3(stack, tiny_
     assert len(_runs(stack, EXPERIMENT, f"tags.`q2l.ray_run_name` = '{DDP_RUN}'")) == 1
 
 
-def test_demo_sweep_job_runs_end_to_end(stack, tiny_demo_root):
-    # the demo sweep (its search space as written), shrunk to two small one-worker trials on the tiny set,
-    # uploaded with --working-dir like experiments/jobs/submit_sweep.sh does
-    name = "cluster-demo-sweep"
-    experiment = "q2l-cluster-sweep"
-    model = "q2l-cluster-sweep"
+SWEEP = "cluster-demo-sweep"
+SWEEP_EXPERIMENT = "q2l-cluster-sweep"
+SWEEP_MODEL = "q2l-cluster-sweep"
+
+
+@pytest.fixture(scope="module")
+def sweep(stack, tiny_demo_root):
+    """The demo sweep (its search space as written) as a Ray job, shrunk to two small one-worker trials on the
+    tiny set and uploaded with --working-dir like experiments/jobs/submit_sweep.sh does. Each trial's worker
+    takes a node's one ``worker_slot``, so both trials fit at once, one per node. Returns (job id, output)."""
     entry = ["q2l", "tune", "--config", "experiments/sweeps/demo.yaml"]
     for key, value in {
         "data.root": str(tiny_demo_root),
@@ -413,21 +588,27 @@ def test_demo_sweep_job_runs_end_to_end(stack, tiny_demo_root):
         "model.dim_feedforward": 64,
         "train.epochs": 2,
         "train.batch_size": 8,
+        "ray.num_workers": 1,
+        "ray.cpus_per_worker": 1,
+        "ray.resources_per_worker": "{worker_slot: 1}",
         "ray.storage_path": stack.env["Q2L_RAY_STORAGE"],
         "mlflow.tracking_uri": stack.env["MLFLOW_TRACKING_URI"],
-        "mlflow.experiment": experiment,
-        "mlflow.registered_model": model,
-        "tune.name": name,
+        "mlflow.experiment": SWEEP_EXPERIMENT,
+        "mlflow.registered_model": SWEEP_MODEL,
+        "tune.name": SWEEP,
         "tune.num_samples": 2,
-        "tune.max_concurrent_trials": 1,
+        "tune.max_concurrent_trials": 2,
     }.items():
         entry += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
-    _, text, seconds = _submit(stack, entry, timeout=1800, working_dir=REPO)
+    sid, text, seconds = _submit(stack, entry, timeout=1800, working_dir=REPO)
     stack.timings["sweep_job_s"] = seconds
-    print(f"\ndemo sweep job: {seconds:.1f} s (submit with --working-dir -> SUCCEEDED)")
+    print(f"\ndemo sweep job, 2 trials at once: {seconds:.1f} s (submit with --working-dir -> SUCCEEDED)")
+    return _ray_api(stack, f"/api/jobs/{sid}")["job_id"], text
 
+
+def test_demo_sweep_job_runs_end_to_end(stack, sweep):
     # the sweep's parent run and its two trials, in PostgreSQL-backed MLflow
-    runs = _runs(stack, experiment)
+    runs = _runs(stack, SWEEP_EXPERIMENT)
     parents = [r for r in runs if "mlflow.parentRunId" not in _tags(r)]
     assert len(parents) == 1, [_tags(r) for r in runs]
     parent_id = parents[0]["info"]["run_id"]
@@ -435,28 +616,39 @@ def test_demo_sweep_job_runs_end_to_end(stack, tiny_demo_root):
     assert len(children) == 2
     run_ids = tuple(r["info"]["run_id"] for r in runs)
     assert len(_pg(stack, "SELECT run_uuid FROM runs WHERE run_uuid IN %s", run_ids)) == 3
-    # the best trial's model registered as @challenger (registry in PostgreSQL, model files in S3)
-    alias = _mlflow_api(stack, f"registered-models/alias?name={model}&alias=challenger")["model_version"]
+    # the best trial's model registered as @challenger (registry in PostgreSQL, its files in MLflow's bucket)
+    alias = _mlflow_api(stack, f"registered-models/alias?name={SWEEP_MODEL}&alias=challenger")[
+        "model_version"
+    ]
     assert alias["run_id"] in {r["info"]["run_id"] for r in children}
-    aliases = _pg(stack, "SELECT alias FROM registered_model_aliases WHERE name = %s", model)
+    aliases = _pg(stack, "SELECT alias FROM registered_model_aliases WHERE name = %s", SWEEP_MODEL)
     assert aliases == [("challenger",)]
-    # Tune's state, the sweep's state file and every trial's checkpoints in S3
-    keys = _s3_keys(stack, f"ray/{name}/")
-    assert f"ray/{name}/q2l_sweep.json" in keys
-    assert any(k.startswith(f"ray/{name}/experiment_state") for k in keys), keys[:20]
-    trials = {k.split("/")[3] for k in keys if k.startswith(f"ray/{name}/trials/") and "/checkpoint_" in k}
+    assert any(f"/{alias['run_id']}/" in k for k in _s3_keys(stack, MLFLOW_BUCKET, "mlflow/"))
+    # Tune's state, the sweep's state file and every trial's checkpoints in Ray's bucket
+    keys = _s3_keys(stack, RAY_BUCKET, f"ray/{SWEEP}/")
+    assert f"ray/{SWEEP}/q2l_sweep.json" in keys
+    assert any(k.startswith(f"ray/{SWEEP}/experiment_state") for k in keys), keys[:20]
+    trials = {k.split("/")[3] for k in keys if k.startswith(f"ray/{SWEEP}/trials/") and "/checkpoint_" in k}
     assert len(trials) == 2, keys[:40]
 
 
-def test_down_stops_everything_and_leaves_no_port(stack):
-    t0 = time.perf_counter()
-    out = stack.run([str(DOWN)], timeout=300)
-    stack.timings["down_s"] = time.perf_counter() - t0
-    print(f"\ndown.sh: {stack.timings['down_s']:.1f} s; all timings: {stack.timings}")
-    assert out.returncode == 0, out.stderr
-    assert "stack down" in out.stdout
-    assert _stack_pids(stack.dir) == []
-    for var, port in stack.ports.items():
-        assert _listening(port) == [], f"{var}={port} still listening"
-    again = stack.run([str(DOWN)], timeout=60)
-    assert again.returncode == 0 and "not running" in again.stdout
+def test_two_sweep_trials_run_at_once_on_the_two_nodes(stack, sweep):
+    job_id, text = sweep
+    assert "up to 2 at once" in text, text[-3000:]
+    # each trial's training worker is a RayTrainWorker actor of the job: one on each node
+    query = "detail=1&limit=1000&filter_keys=class_name&filter_predicates=%3D&filter_values=RayTrainWorker"
+    actors = [
+        a
+        for a in _ray_api(stack, f"/api/v0/actors?{query}")["data"]["result"]["result"]
+        if a["job_id"] == job_id
+    ]
+    nodes = _ray_api(stack, "/api/v0/nodes?limit=100")["data"]["result"]["result"]
+    alive = {n["node_id"] for n in nodes if n["state"] == "ALIVE"}
+    assert len(actors) == 2 and len(alive) == 2, actors
+    assert {a["node_id"] for a in actors} == alive, "the two trials' workers must run on the two nodes"
+    # and the two trials' MLflow runs were open at the same time
+    runs = [r for r in _runs(stack, SWEEP_EXPERIMENT) if "mlflow.parentRunId" in _tags(r)]
+    assert len(runs) == 2
+    starts = [int(r["info"]["start_time"]) for r in runs]
+    ends = [int(r["info"]["end_time"]) for r in runs]
+    assert max(starts) < min(ends), f"the trials ran one after the other: starts {starts}, ends {ends}"

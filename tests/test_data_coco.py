@@ -139,3 +139,45 @@ def test_class_without_positive_in_eval_split_is_fine(tmp_path):
     s = build_datasets(DataConfig(root=str(root), image_size=32))
     assert s.test.targets[:, 1].sum() == 0  # class "b" has no positive: built anyway, metrics report it
     assert s.test[0][1].tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "value", "words"),
+    [
+        ("annotations", "category_id", [1], "annotations[0] (id 1): category_id must be an integer, got [1]"),
+        ("annotations", "category_id", "3", 'annotations[0] (id 1): category_id must be an integer, got "3"'),
+        ("annotations", "category_id", 3.0, "annotations[0] (id 1): category_id must be an integer, got 3.0"),
+        ("annotations", "category_id", None, "annotations[0] (id 1): missing 'category_id'"),
+        ("annotations", "image_id", "10", 'annotations[0] (id 1): image_id must be an integer, got "10"'),
+        ("annotations", "image_id", True, "annotations[0] (id 1): image_id must be an integer, got true"),
+        ("images", "id", 10.5, "images[0]: id must be an integer, got 10.5"),
+        ("images", "file_name", 7, "images[0]: file_name must be a non-empty string, got 7"),
+        ("categories", "id", [12], "categories[0]: id must be an integer, got [12]"),
+    ],
+)
+def test_malformed_ids_name_the_file_and_the_entry(tmp_path, kind, field, value, words):
+    root = make_coco_set(tmp_path)
+    ann = root / "annotations/instances_train2014.json"
+    doc = coco_doc()
+    if value is None:
+        del doc[kind][0][field]
+    else:
+        doc[kind][0][field] = value
+    ann.write_text(json.dumps(doc))
+    with pytest.raises(DataError) as e:
+        build_datasets(DataConfig(root=str(root), image_size=32))
+    assert str(e.value) == f"{ann}: {words}"
+
+
+def test_every_malformed_entry_is_counted(tmp_path):
+    root = make_coco_set(tmp_path)
+    ann = root / "annotations/instances_train2014.json"
+    doc = coco_doc()
+    doc["annotations"][0]["category_id"] = [3]
+    doc["annotations"][2]["image_id"] = "x"
+    doc["annotations"].append("not an object")
+    ann.write_text(json.dumps(doc))
+    with pytest.raises(
+        DataError, match=r"annotations\[0\] \(id 1\).*\(and 2 more; run `q2l data validate`\)"
+    ):
+        load_coco(ann, root / "train2014")

@@ -136,3 +136,58 @@ def test_validate_malformed_json_voc_and_csv(tmp_path):
     assert (
         len(problems) == 2 and f"{csv}:4: expected 2 columns" in text and "gone.jpg: file not found" in text
     )
+
+
+def test_validate_lists_malformed_ids_without_a_traceback(tmp_path):
+    root = make_coco_set(tmp_path, train=[("a.jpg", [1]), ("b.jpg", [3]), ("c.jpg", [1])])
+    ann = root / "annotations" / "instances_train2014.json"
+    doc = json.loads(ann.read_text())
+    doc["annotations"][0]["category_id"] = [1]
+    doc["annotations"][1]["image_id"] = "20"
+    del doc["annotations"][2]["category_id"]
+    doc["images"][2]["id"] = 30.0
+    doc["categories"].append({"id": 4, "name": "cat"})  # a second category named "cat"
+    ann.write_text(json.dumps(doc))
+    (root / "train2014" / "b.jpg").unlink()
+    r = CliRunner().invoke(
+        app, ["data", "validate", "--annotations", str(ann), "--images", str(root / "train2014")]
+    )
+    assert r.exit_code == 1, r.output
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "6 problem(s)", r.output
+    assert f"{ann}: annotations[0] (id 1): category_id must be an integer, got [1]" in lines
+    assert f'{ann}: annotations[1] (id 2): image_id must be an integer, got "20"' in lines
+    assert f"{ann}: annotations[2] (id 3): missing 'category_id'" in lines
+    assert f"{ann}: images[2]: id must be an integer, got 30.0" in lines
+    assert f"{ann}: duplicate category names (each category becomes one label)" in lines
+    assert f"{root / 'train2014' / 'b.jpg'}: file not found" in lines  # images are still checked
+
+
+def test_validate_labels_and_image_limit(tmp_path):
+    write_jpeg(tmp_path / "ok.jpg")  # 48 x 40
+    csv = tmp_path / "list.csv"
+    csv.write_text("image,labels\nok.jpg,cat\nok.jpg,cat|7\n")
+    problems = validate_dataset(format="csv", annotations=csv, images=tmp_path, max_pixels=1000)
+    too_big = "image of 48 x 40 = 1920 pixels exceeds the limit of 1000 (data.max_image_pixels)"
+    assert [str(p) for p in problems] == [
+        f"{csv}:3: label '7' looks like a class index while the other labels are names; write its name,"
+        " or declare the label set (a header of label columns)",
+        f"{tmp_path / 'ok.jpg'}: {too_big}",
+    ]
+    r = CliRunner().invoke(app, ["data", "validate", "--format", "csv", "--annotations", str(csv)])
+    assert r.exit_code == 1 and "1 problem(s)" in r.output  # the default limit lets 48 x 40 through
+    args = ["data", "validate", "--format", "csv", "--annotations", str(csv), "--max-image-pixels", "1000"]
+    assert "2 problem(s)" in CliRunner().invoke(app, args).output
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--format", "xyz", "--annotations", "a.json"], "--format 'xyz' must be one of coco, voc, csv"),
+        (["--annotations", "a.json"], "--images (the image folder) is required with --annotations"),
+        (["--format", "voc"], "--root (the VOC2007 folder) is required for --format voc"),
+    ],
+)
+def test_validate_bad_arguments_are_usage_errors(args, words):
+    r = CliRunner().invoke(app, ["data", "validate", *args])
+    assert r.exit_code == 2 and words in r.output and "problem(s)" not in r.output

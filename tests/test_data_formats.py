@@ -119,3 +119,51 @@ def test_malformed_line_names_file_and_line(tmp_path, name, text, where):
     with pytest.raises(DataError) as e:
         build_datasets(cfg)
     assert f"{tmp_path / name}{where}" in str(e.value)
+
+
+def _csv_config(tmp_path, train_text, test_text):
+    (tmp_path / "train.csv").write_text(train_text)
+    (tmp_path / "test.csv").write_text(test_text)
+    return DataConfig(
+        root=str(tmp_path), format="csv", train_file=str(tmp_path / "train.csv"),
+        test_file=str(tmp_path / "test.csv"), image_size=16,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("train", "test", "where", "words"),
+    [
+        # declared names (a header of label columns): an index is not a name
+        (
+            "image,cat,dog\na.jpg,1,0\n",
+            "image,labels\nb.jpg,cat\nc.jpg,99\n",
+            "test.csv:3",
+            "label '99' is not among the declared label names (labels are written as names, not as indices)",
+        ),
+        # no declared names: the training file's labels are the set
+        (
+            "a.jpg,cat|dog\n",
+            "b.jpg,dog\nc.jpg,bird\n",
+            "test.csv:2",
+            "label 'bird' does not occur in the training",
+        ),
+        # no declared names: an index among names
+        (
+            "image,labels\na.jpg,cat\nb.jpg,dog|99\n",
+            "c.jpg,cat\n",
+            "train.csv:3",
+            "label '99' looks like a class index",
+        ),
+    ],
+    ids=["declared", "test-only", "index-among-names"],
+)
+def test_labels_outside_the_label_set_name_file_and_line(tmp_path, train, test, where, words):
+    with pytest.raises(DataError) as e:
+        build_datasets(_csv_config(tmp_path, train, test))
+    assert f"{tmp_path / where}: {words}" in str(e.value)
+
+
+def test_labels_that_are_all_numbers_are_names(tmp_path):
+    _images(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
+    s = build_datasets(_csv_config(tmp_path, "a.jpg,3|17\nb.jpg,17\n", "c.jpg,3\n"))
+    assert s.label_names == ["17", "3"] and s.test.targets.tolist() == [[0, 1]]

@@ -1,17 +1,29 @@
-"""Decoding real files and the bad-image policy (error stops naming the file; skip drops and counts)."""
+"""Decoding real files, the decoding limit and the bad-image policy (error names the file; skip drops it)."""
 
 from __future__ import annotations
 
 import logging
+import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from data_fixtures import make_coco_set, truncate, write_jpeg, write_png_alpha
+from data_fixtures import (
+    claim_jpeg_size,
+    make_coco_set,
+    truncate,
+    write_bomb_png,
+    write_jpeg,
+    write_png_alpha,
+)
 from PIL import Image
 
 from q2l.config import DataConfig
 from q2l.data import BadImageError, build_datasets, build_loader, decode_rgb
+from q2l.data.images import DEFAULT_MAX_PIXELS, check_image_size, decode_rgb_bytes
 
 torch.set_num_threads(1)
 
@@ -91,3 +103,124 @@ def test_policy_skip_with_workers(tmp_path):
     batches = list(loader)
     assert sum(b.skipped for b in batches) == 3
     assert torch.cat([b[2] for b in batches]).tolist() == [0, 2, 5]
+
+
+BOMB_REFUSED = (
+    "image of 16000 x 16000 = 256000000 pixels exceeds the limit of 40000000 (data.max_image_pixels)"
+)
+
+
+@pytest.fixture(scope="module")
+def bomb_png(tmp_path_factory):
+    """A 275 kB PNG of 16000 x 16000 pixels (768 MB once decoded to RGB)."""
+    return write_bomb_png(tmp_path_factory.mktemp("bomb") / "bomb.png")
+
+
+def test_default_limit_is_the_config_default():
+    assert DEFAULT_MAX_PIXELS == DataConfig().max_image_pixels == 40_000_000
+
+
+def _other_formats(tmp_path):
+    tmp_path.mkdir()
+    rgb = Image.fromarray(np.zeros((30, 50, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 3000  # a large APP1 segment before the frame header
+    rgb.save(tmp_path / "exif.jpg", exif=exif)
+    rgb.save(tmp_path / "progressive.jpg", progressive=True)
+    for suffix in ("bmp", "gif", "tiff", "webp"):
+        rgb.save(tmp_path / f"x.{suffix}")
+    return sorted(tmp_path.iterdir())
+
+
+def test_header_size_is_the_decoded_size(tmp_path):
+    paths = [write_jpeg(tmp_path / f"{m}.jpg", h=40, w=48, mode=m) for m in ("RGB", "L", "CMYK")]
+    paths += [write_png_alpha(tmp_path / "a.png"), *_other_formats(tmp_path / "more")]
+    for path in paths:
+        w, h = check_image_size(path.read_bytes(), path)
+        assert decode_rgb(path).shape == (3, h, w), path.name
+        assert check_image_size(torch.from_numpy(np.fromfile(path, dtype=np.uint8)), path) == (w, h)
+
+
+def test_oversized_image_is_refused_from_its_header(bomb_png):
+    with pytest.raises(BadImageError) as e:
+        decode_rgb(bomb_png)
+    assert e.value.path == str(bomb_png) and str(e.value) == f"{bomb_png}: {BOMB_REFUSED}"
+    with pytest.raises(BadImageError, match=re.escape(f"upload.png: {BOMB_REFUSED}")):
+        decode_rgb_bytes(bomb_png.read_bytes(), "upload.png", DEFAULT_MAX_PIXELS)
+    # the limit is a parameter: exactly at it passes the header check
+    assert check_image_size(bomb_png.read_bytes(), bomb_png, 16000 * 16000) == (16000, 16000)
+
+
+@pytest.mark.parametrize("suffix", ["jpg", "bmp", "gif"])
+def test_limit_applies_to_every_format(tmp_path, suffix):
+    path = tmp_path / f"x.{suffix}"
+    Image.fromarray(np.zeros((100, 120, 3), dtype=np.uint8)).save(path)
+    assert decode_rgb(path, max_pixels=12_000).shape == (3, 100, 120)
+    with pytest.raises(BadImageError, match=r"120 x 100 = 12000 pixels exceeds the limit of 11999"):
+        decode_rgb(path, max_pixels=11_999)
+
+
+def test_jpeg_whose_header_claims_a_huge_frame_is_refused(tmp_path):
+    path = claim_jpeg_size(write_jpeg(tmp_path / "liar.jpg"), 30000, 30000)
+    with pytest.raises(BadImageError, match=r"liar.jpg: image of 30000 x 30000 = 900000000 pixels"):
+        decode_rgb(path)
+
+
+_PEAK_RSS = """
+import resource, sys
+from q2l.data.images import BadImageError, decode_rgb
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    decode_rgb(sys.argv[1])
+    print("decoded")
+except BadImageError as e:
+    print("refused", e.reason)
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+"""
+
+
+def test_oversized_image_costs_no_memory(bomb_png):
+    # a process that only asks q2l to decode it: its peak RSS stays near what the imports took
+    # (decoding it, as torchvision's decode_image did before the header check, peaked at 1410 MiB)
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, str(bomb_png)], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out[0] == f"refused {BOMB_REFUSED}"
+    before, peak = (int(x) for x in out[1].split())
+    assert peak < 1024 * 1024 and peak - before < 64 * 1024, (before, peak)
+
+
+def _set_with_bomb(tmp_path, bomb_png):
+    images = [("0.jpg", [1]), ("1.jpg", [2]), ("big.png", [1]), ("3.jpg", [2])]
+    root = make_coco_set(tmp_path, train=images, test=images, categories=[(1, "a"), (2, "b")])
+    shutil.copy(bomb_png, root / "val2014" / "big.png")
+    return root
+
+
+def test_oversized_image_in_a_data_set_error(tmp_path, bomb_png):
+    cfg = DataConfig(root=str(_set_with_bomb(tmp_path, bomb_png)), image_size=16, num_workers=0)
+    loader = build_loader(build_datasets(cfg).test, cfg, 4, train=False, seed=0)
+    with pytest.raises(BadImageError, match=re.escape(f"big.png: {BOMB_REFUSED}")) as e:
+        next(iter(loader))
+    assert e.value.path.endswith("val2014/big.png")
+
+
+def test_oversized_image_in_a_data_set_skip(tmp_path, bomb_png, caplog):
+    cfg = DataConfig(
+        root=str(_set_with_bomb(tmp_path, bomb_png)), image_size=16, num_workers=0, on_bad_image="skip"
+    )
+    loader = build_loader(build_datasets(cfg).test, cfg, 4, train=False, seed=0)
+    with caplog.at_level(logging.WARNING, logger="q2l.data.images"):
+        (batch,) = list(loader)
+    assert batch.skipped == 1 and batch[2].tolist() == [0, 1, 3]
+    assert any("big.png" in r.getMessage() and "16000 x 16000" in r.getMessage() for r in caplog.records)
+
+
+def test_limit_comes_from_data_config(tmp_path):
+    root = make_coco_set(tmp_path, train=[("a.jpg", [1]), ("b.jpg", [1])], categories=[(1, "a")])
+    assert build_datasets(DataConfig(root=str(root), image_size=16)).test[0] is not None
+    s = build_datasets(DataConfig(root=str(root), image_size=16, max_image_pixels=48 * 40 - 1))
+    with pytest.raises(
+        BadImageError, match=r"a.jpg: image of 48 x 40 = 1920 pixels exceeds the limit of 1919"
+    ):
+        s.test[0]

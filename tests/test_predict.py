@@ -14,16 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import truncate, write_jpeg
+import torchvision.transforms.v2.functional as F
+from data_fixtures import truncate, write_bomb_png, write_jpeg
 from model_fixtures import TINY_ARCH, reference_probs, tiny_model
 from PIL import Image
 
 from q2l.config import config_from_dict
-from q2l.data.images import decode_rgb
-from q2l.data.transforms import squish_resize
 from q2l.explain import attention_maps, log_attention_examples
 from q2l.models import Query2Label
-from q2l.predict import run_predict
+from q2l.registry.predict import run_predict
 
 LABELS = ["apple", "bike", "cat", "dog"]
 SIZE = 64
@@ -137,8 +136,15 @@ def test_explain_writes_one_figure_per_readable_image(checkpoint, folder, tmp_pa
         assert im.format == "PNG" and im.width > 2.5 * im.height
 
 
+def squished(path: Path) -> torch.Tensor:
+    """PIL decode and an antialiased bilinear resize to SIZE x SIZE, written out here (no q2l data code)."""
+    with Image.open(path) as im:
+        rgb = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+    return F.resize(rgb, [SIZE, SIZE], antialias=True)
+
+
 def test_attention_maps_and_training_examples(model, folder, tmp_path):
-    images = torch.stack([squish_resize(decode_rgb(p), SIZE) for p in readable(folder)])
+    images = torch.stack([squished(p) for p in readable(folder)])
     probs, maps = attention_maps(model, images)
     assert probs.shape == (3, len(LABELS)) and maps.shape == (3, len(LABELS), 2, 2)
     # each label's attention is a distribution over the feature grid
@@ -148,3 +154,32 @@ def test_attention_maps_and_training_examples(model, folder, tmp_path):
     written = log_attention_examples(model, images, LABELS, tmp_path / "attn", max_images=2)
     assert [p.name for p in written] == ["example_000.png", "example_001.png"]
     assert all(Image.open(p).format == "PNG" for p in written)
+
+
+def test_images_over_the_pixel_budget_are_unreadable(checkpoint, folder, tmp_path):
+    """A 16000 x 16000 PNG (~275 kB on disk) is refused from its header, never decoded to 768 MB."""
+    bomb = write_bomb_png(tmp_path / "bomb.png")
+    code, out, err = predict(str(checkpoint), [bomb, folder / "a.jpg"], fmt="json")
+    assert code == 0
+    doc = json.loads(out)
+    assert [Path(p["image"]).name for p in doc["predictions"]] == ["a.jpg"]
+    limit = "16000 x 16000 = 256000000 pixels exceeds the limit of 40000000 (data.max_image_pixels)"
+    assert doc["unreadable"] == [{"image": str(bomb), "error": f"image of {limit}"}]
+    assert f"unreadable: {bomb}: image of {limit}" in err
+
+    # none readable: exit 1; a smaller budget (data.max_image_pixels) applies to ordinary images too
+    code, _, err = predict(str(checkpoint), [bomb], fmt="json")
+    assert code == 1 and "0 image(s) labelled, 1 unreadable" in err
+    code, _, err = predict(str(checkpoint), [folder / "a.jpg"], max_image_pixels=70 * 50 - 1)
+    assert code == 1 and "image of 70 x 50 = 3500 pixels exceeds the limit of 3499" in err
+
+
+def test_cli_passes_the_configured_budget(checkpoint, folder):
+    from typer.testing import CliRunner
+
+    from q2l.cli import app
+
+    args = ["predict", "--model", str(checkpoint), str(folder / "a.jpg")]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    result = CliRunner().invoke(app, [*args, "--set", "data.max_image_pixels=3000"])
+    assert result.exit_code == 1 and "exceeds the limit of 3000" in result.output

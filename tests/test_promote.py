@@ -19,11 +19,11 @@ from data_fixtures import coco_doc, write_jpeg
 from model_fixtures import tiny_model
 
 from q2l.config import Config, config_from_dict
-from q2l.evaluate import evaluate, label_order
 from q2l.metrics import summarize
 from q2l.packaging import Predictor, log_model, model_spec
-from q2l.predict import run_predict
-from q2l.promote import CHAMPION, PREVIOUS, TAG, gate, run_promote
+from q2l.registry.evaluate import evaluate, label_order
+from q2l.registry.predict import run_predict
+from q2l.registry.promote import CHAMPION, PREVIOUS, TAG, gate, run_promote
 from q2l.tracking import tracking_uri
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,7 @@
 """Tracking and record helpers without Ray: store location, reachability, run naming, the MLflow run lifecycle
-(open / continue / no duplicate steps / FAILED) and the evaluation artifacts."""
+(open / continue / no duplicate steps / FAILED) and the evaluation artifacts.
+
+Fast: each test records into a copy of the session's migrated SQLite store (``mlflow_store``)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import csv
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from q2l.config import load_config
 from q2l.data import DataError
 from q2l.engine import EpochResult
 from q2l.metrics import average_precision, summarize
-from q2l.record import (
+from q2l.tracking.run_record import (
     ERROR_TAG,
     RunRecorder,
     best_and_worst,
@@ -29,12 +30,15 @@ from q2l.record import (
     precision_recall_curve,
     write_ap_table,
 )
-from q2l.train import check_data_paths, default_run_name, resolve_paths
+from q2l.train.driver import check_data_paths, default_run_name, resolve_paths
 
 
 @pytest.fixture
-def cfg(tmp_path):
-    return load_config(None, [f"mlflow.results_dir={tmp_path / 'results'}", "mlflow.experiment=unit"])
+def cfg(tmp_path, mlflow_store):
+    """Defaults recording to the test's fresh, migrated SQLite store (``mlflow_store``)."""
+    c = load_config(None, [f"mlflow.results_dir={tmp_path / 'results'}", "mlflow.experiment=unit"])
+    assert tracking.tracking_uri(c) == mlflow_store
+    return c
 
 
 def test_default_store_is_sqlite_under_absolute_results_dir(tmp_path, monkeypatch):
@@ -49,7 +53,6 @@ def test_default_store_is_sqlite_under_absolute_results_dir(tmp_path, monkeypatc
     assert "http://127.0.0.1:5000" in tracking.ui_command(server)
 
 
-@pytest.mark.slow  # creating a SQLite MLflow store runs its migrations (seconds)
 def test_experiment_gets_explicit_artifact_location(cfg):
     from mlflow import MlflowClient
 
@@ -59,12 +62,11 @@ def test_experiment_gets_explicit_artifact_location(cfg):
     assert exp.artifact_location.endswith("/results/mlflow/artifacts")
 
 
-def test_unreachable_server_is_reported_fast_with_its_uri(cfg):
+def test_unreachable_server_is_reported_by_the_health_probe_with_its_uri(cfg):
     bad = cfg.replace({"mlflow.tracking_uri": "http://127.0.0.1:1"})
-    start = time.perf_counter()
+    # "is not reachable" is the /health probe's own error: MLflow's retrying client was never asked
     with pytest.raises(tracking.TrackingUnavailableError, match=r"http://127\.0\.0\.1:1 is not reachable"):
         tracking.check_reachable(bad)
-    assert time.perf_counter() - start < 5
 
 
 def test_flat_params_are_bounded(cfg):
@@ -171,7 +173,6 @@ def test_epoch_metrics_take_the_better_of_model_and_ema():
     assert math.isnan(no_ema["steady_images_per_s"])  # not given by this engine result
 
 
-@pytest.mark.slow
 def test_run_recorder_continues_a_run_without_duplicate_steps(cfg):
     import mlflow
 
@@ -251,12 +252,11 @@ def test_unreachable_tracking_uri_fails_before_any_worker(tmp_path):
         "import ray\n"
         "print('ray started:', ray.is_initialized())\n"
     )
-    start = time.perf_counter()
     p = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300
     )
     assert p.returncode == 0, p.stderr
+    # the /health probe's error (not MLflow's retry loop), before Ray or any worker started
     assert "error: MLflow tracking server http://127.0.0.1:1 is not reachable" in p.stdout
     assert "ray started: False" in p.stdout
     assert not (Path(tmp_path) / "ray").exists()
-    assert time.perf_counter() - start < 60  # interpreter + imports; no worker, no retry loop

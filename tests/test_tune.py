@@ -1,8 +1,10 @@
 """Real sweeps: local Ray, Ray Train trials on the tiny demo set, a SQLite MLflow store under tmp_path.
 
-Sweeps run through the CLI in a subprocess (``q2l tune``), as users run them: each gets its own local Ray
-(so these tests also cover its start-up), and the interrupt test can send it a real SIGINT. The job test
-starts its own head with ``ray start --head --block`` and stops it by its pid.
+Sweeps run through the CLI in a subprocess (``q2l tune``), as users run them: most get their own local Ray
+(so these tests also cover its start-up), and the interrupt tests can send it a real SIGINT or SIGKILL. A
+test whose expectations depend on how many trials fit at once joins a head started here with
+``ray start --head --block --num-cpus 2`` (``ray_head``), so they hold on any machine; the job test submits
+to such a head. A head is stopped by its pid.
 """
 
 from __future__ import annotations
@@ -11,18 +13,20 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 import pytest
+from support import HANG_GUARD_S, free_port, wait_for
 
 from q2l.config import Config, ConfigError
-from q2l.search_space import parse_space
+from q2l.ray_runtime import local_ray_env
+from q2l.sweep.space import parse_space
 from q2l.tracking import tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,12 +108,14 @@ def test_sweep_with_asha_records_trials_survives_a_bad_trial_and_registers_chall
         mlflow_tmp_config, tmp_path, num_samples=3, scheduler="asha", grace_period=1, seed=seed, space=space
     )
     cfg = mlflow_tmp_config
-    t0 = time.monotonic()
-    out = subprocess.run(q2l_tune(config), env=cli_env(), capture_output=True, text=True, timeout=540)
+    with ray_head(cpus=HEAD_CPUS) as (env, address):
+        out = subprocess.run(
+            q2l_tune(config), env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=900
+        )
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-5000:]
-    print(f"3-trial sweep: {time.monotonic() - t0:.0f} s")
-    assert "up to 2 at once" in out.stdout  # 2 CPUs, 1 worker per trial, drivers hold no CPU
+    at_once = HEAD_CPUS  # the head's CPUs, 1 worker (1 CPU) per trial, drivers hold no CPU
+    assert f"up to {at_once} at once" in out.stdout
 
     parents, children = sweep_runs(cfg)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -151,9 +157,10 @@ def test_sweep_with_asha_records_trials_survives_a_bad_trial_and_registers_chall
     per_epoch = metrics["train_images"] / epochs_run
     batch = cfg.train.batch_size
     assert per_epoch > 0 and per_epoch == int(per_epoch) and int(per_epoch) % batch == 0
-    rate = metrics["train_images"] / metrics["wall_seconds"] / 2  # 2 trials of 1 CPU at once
+    rate = metrics["train_images"] / metrics["wall_seconds"] / at_once  # trials of 1 CPU at once
     assert metrics["train_images_per_s_per_cpu"] == pytest.approx(rate)
-    assert "images/s per CPU over the sweep's wall time (2 CPUs held by 2 trial(s) at once)" in out.stdout
+    held = f"({at_once} CPUs held by {at_once} trial(s) at once)"
+    assert f"images/s per CPU over the sweep's wall time {held}" in out.stdout
 
     # leaderboard, plots, config and space on the parent run
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -191,81 +198,134 @@ def progress_rows(sweep_dir: Path) -> dict[str, int]:
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(mlflow_tmp_config, tmp_path):
     cfg = mlflow_tmp_config
     config = sweep_config(
-        cfg, tmp_path, num_samples=2, max_concurrent_trials=1, scheduler="none", name="resumable"
+        cfg, tmp_path, num_samples=3, max_concurrent_trials=1, scheduler="none", name="resumable"
     )
     log_file = tmp_path / "sweep.log"  # a file, not a pipe: nobody reads a pipe while we wait
     with log_file.open("w") as out:
         proc = subprocess.Popen(q2l_tune(config), env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
     sweep_dir = Path(cfg.ray.storage_path) / "resumable"
     try:
-        # one trial at a time: once the second trial's folder exists, the first has finished. (Files, not
-        # MLflow: a client opening the SQLite store while the sweep creates it would race the schema.)
-        deadline = time.monotonic() + 420
-        while len(list(sweep_dir.glob("trial-*"))) < 2:
+        # one trial at a time: once the second trial's folder exists, the first has finished, and the third
+        # has not started, so the interrupt always finds a trial unfinished. (Files, not MLflow: a client
+        # opening the SQLite store while the sweep creates it would race the schema.)
+        def second_trial_started() -> bool:
             assert proc.poll() is None, f"ended before the interrupt:\n{log_file.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, "no trial finished in time"
-            time.sleep(1)
+            return len(list(sweep_dir.glob("trial-*"))) >= 2
+
+        wait_for(second_trial_started, "the second trial", poll=0.05)
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=180)
+        proc.wait(timeout=HANG_GUARD_S)
     finally:
         if proc.poll() is None:
             proc.kill()
     log = log_file.read_text()
     assert proc.returncode != 0, log[-4000:]
     assert "continue it with --resume" in log
-    parents, _ = sweep_runs(cfg)
+    parents, children = sweep_runs(cfg)
     assert len(parents) == 1 and parents[0].info.status == "KILLED"
-    finished = [c for c in sweep_runs(cfg)[1] if c.info.status == "FINISHED"]
-    assert len(finished) == 1
-    first = finished[0]
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert 1 <= len(finished) <= 2  # the first, and the second if it ended while the signal was on its way
     rows_before = progress_rows(sweep_dir)
-    first_dir = f"trial-{first.data.tags['q2l.trial_id']}"
-    assert rows_before[first_dir] == 3  # two epochs and the final (test) report
+    dirs = {c.info.run_id: f"trial-{c.data.tags['q2l.trial_id']}" for c in finished}
+    assert all(rows_before[d] == 3 for d in dirs.values())  # two epochs and the final (test) report
 
     out = subprocess.run(
-        q2l_tune(config, "--resume"), env=cli_env(), capture_output=True, text=True, timeout=420
+        q2l_tune(config, "--resume"), env=cli_env(), capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     parents, children = sweep_runs(cfg)
-    assert len(parents) == 1 and parents[0].info.run_id == first.data.tags["mlflow.parentRunId"]
+    assert len(parents) == 1 and parents[0].info.run_id == finished[0].data.tags["mlflow.parentRunId"]
     assert parents[0].info.status == "FINISHED"
-    assert parents[0].data.metrics["trials_completed"] == 2
+    assert parents[0].data.metrics["trials_completed"] == 3
     finished_runs = [c for c in children if c.info.status == "FINISHED"]
-    assert len({c.data.tags["q2l.trial_id"] for c in finished_runs}) == 2
-    # the finished trial was not trained again: same run, same end, same two epochs
+    assert len({c.data.tags["q2l.trial_id"] for c in finished_runs}) == 3
+    # the trials finished before the interrupt were not trained again: same run, same end, same two epochs
     client, _ = client_for(cfg)
-    again = client.get_run(first.info.run_id)
-    assert again.info.end_time == first.info.end_time
-    assert [m.step for m in client.get_metric_history(first.info.run_id, "train_loss")] == [1, 2]
-    assert progress_rows(sweep_dir)[first_dir] == rows_before[first_dir]
+    for first in finished:
+        again = client.get_run(first.info.run_id)
+        assert again.info.end_time == first.info.end_time
+        assert [m.step for m in client.get_metric_history(first.info.run_id, "train_loss")] == [1, 2]
+        assert progress_rows(sweep_dir)[dirs[first.info.run_id]] == 3
     assert client.get_model_version_by_alias("q2l-demo", "challenger").tags["q2l.parent_run_id"] == (
         parents[0].info.run_id
     )
 
 
-def test_diverging_trial_fails_at_once_with_its_error(mlflow_tmp_config, tmp_path):
-    from q2l.train import FAULT_ENV
-
+def test_sweep_driver_killed_mid_sweep_is_finished_by_resume(mlflow_tmp_config, tmp_path):
+    # SIGKILL: no handler runs, nothing is saved on the way out; --resume must still finish the sweep
     cfg = mlflow_tmp_config
-    config = sweep_config(cfg, tmp_path, num_samples=1, scheduler="none", name="diverging")
-    env = cli_env(**{FAULT_ENV: "nan:2"})  # weights become NaN halfway through epoch 2
-    out = subprocess.run(q2l_tune(config), env=env, capture_output=True, text=True, timeout=420)
+    config = sweep_config(
+        cfg, tmp_path, num_samples=2, max_concurrent_trials=1, scheduler="none", name="killed"
+    )
+    log_file = tmp_path / "sweep.log"
+    with log_file.open("w") as out:
+        proc = subprocess.Popen(
+            q2l_tune(config),
+            env=cli_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: its local Ray goes with it below
+        )
+    sweep_dir = Path(cfg.ray.storage_path) / "killed"
+    try:
+        # mid-sweep: Tune has saved its state and the first trial has reported an epoch
+        def first_epoch_reported() -> bool:
+            assert proc.poll() is None, f"ended before the kill:\n{log_file.read_text()[-4000:]}"
+            saved = any(sweep_dir.glob("experiment_state*.json"))
+            return saved and any(n >= 1 for n in progress_rows(sweep_dir).values())
+
+        wait_for(first_epoch_reported, "the first trial's first epoch", poll=0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and whatever of its local Ray is left
+        proc.wait(timeout=HANG_GUARD_S)
+    wait_for(lambda: not group_alive(proc.pid), "the killed sweep's processes to exit")
+
+    out = subprocess.run(
+        q2l_tune(config, "--resume"), env=cli_env(), capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    parents, children = sweep_runs(cfg)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.metrics["trials_completed"] == 2
+    trial_ids = {c.data.tags["q2l.trial_id"] for c in children}
+    assert len(trial_ids) == 2
+    client, _ = client_for(cfg)
+    for trial in trial_ids:
+        runs = [c for c in children if c.data.tags["q2l.trial_id"] == trial]
+        (done,) = [c for c in runs if c.info.status == "FINISHED"]  # one finished run per trial
+        assert all(c.info.status in ("FINISHED", "KILLED") for c in runs)  # none left RUNNING
+        steps = [m.step for m in client.get_metric_history(done.info.run_id, "train_loss")]
+        assert sorted(steps) == [1, 2], trial  # each epoch once
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` is still running."""
+    return subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, timeout=60).returncode == 0
+
+
+def test_diverging_trial_fails_at_once_with_its_error(mlflow_tmp_config, tmp_path):
+    # lr 10 with decoupled weight decay 1e4 scales the weights by about -4000 a step: NaN within epoch 1
+    cfg = mlflow_tmp_config.replace({"optim.lr": 10.0, "optim.weight_decay": 1e4})
+    space = {"loss.gamma_neg": {"uniform": [0, 4]}}
+    config = sweep_config(cfg, tmp_path, num_samples=1, scheduler="none", name="diverging", space=space)
+    out = subprocess.run(
+        q2l_tune(config), env=cli_env(), capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-5000:]  # a failed trial does not fail the sweep
-    assert "resuming after epoch" not in log  # not restarted from its checkpoint (ray.max_failures = 1)
+    assert log.count("starting:") == 1 and "resuming after epoch" not in log  # one attempt (max_failures 1)
     parents, (child,) = sweep_runs(cfg)
     assert parents[0].data.metrics["trials_failed"] == 1
     assert child.info.status == "FAILED" and child.data.tags["q2l.trial_status"] == "failed"
-    assert "non-finite loss nan at epoch 1" in child.data.tags["q2l.error"]
-    assert progress_rows(Path(cfg.ray.storage_path) / "diverging") == {
-        f"trial-{child.data.tags['q2l.trial_id']}": 1  # epoch 1 only: no final report, no second attempt
-    }
+    assert "non-finite loss" in child.data.tags["q2l.error"]
+    # no epoch reported, no final report, no second attempt
+    assert sum(progress_rows(Path(cfg.ray.storage_path) / "diverging").values()) == 0
 
 
 def test_bad_space_fails_before_ray_starts(mlflow_tmp_config):
     import ray
 
-    from q2l.tune import run_sweep
+    from q2l.sweep.runner import run_sweep
 
     cfg = mlflow_tmp_config.replace({"tune.space": {"model.hidden_dim": {"int": [31, 33]}}})
     ray_before = ray.is_initialized()  # another test file's session Ray may be up
@@ -275,96 +335,91 @@ def test_bad_space_fails_before_ray_starts(mlflow_tmp_config):
     assert not Path(cfg.ray.storage_path).exists()
 
 
-# ------------------------------------------------------------------------------------------ ray job submit
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# ------------------------------------------------------------------------------------- a head started here
+HEAD_CPUS = 2  # the CPUs a head started here offers, whatever the machine has
+RAY_BIN = Path(sys.executable).parent / "ray"
 
 
-def wait_for(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1)
+@contextmanager
+def ray_head(cpus: int, **extra_env: str) -> Iterator[tuple[dict[str, str], str]]:
+    """A Ray head started here (``ray start --head --block``, ``cpus`` CPUs, dashboard, all on loopback).
 
-
-def test_sweep_submitted_as_a_ray_job_to_a_head_started_here(mlflow_tmp_config, tmp_path):
-    cfg = mlflow_tmp_config
-    config = sweep_config(cfg, tmp_path, num_samples=2, scheduler="none", name="jobsweep")
+    Yields (the environment for commands that use it, its GCS address for ``RAY_ADDRESS``). Its processes
+    get q2l's settings for a local Ray, its own dashboard as the state API (``local_ray_env``).
+    At the end it is stopped by its pid (never ``ray stop``, which would stop every head on the machine),
+    and the block waits until everything it started is gone.
+    """
     # a short temp dir: Ray's socket paths must stay under 107 characters
     ray_tmp = tempfile.mkdtemp(prefix="q2l-head-", dir="/tmp")
-    dashboard = free_port()
+    dashboard, port = free_port(), free_port()
     env = cli_env(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # the job runs `q2l` from here
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # jobs run `q2l` from here
         RAY_TMPDIR=ray_tmp,
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN=secrets.token_hex(16),  # our own token: ~/.ray/auth_token is left alone
-        RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}",  # for `ray job` and the head's processes
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="1",
-        Q2L_JOB_ID=f"q2l-test-{secrets.token_hex(4)}",
+        **local_ray_env(f"http://127.0.0.1:{dashboard}"),  # for `ray job` and the head's processes
+        **extra_env,
     )
     head = subprocess.Popen(
         [
-            str(Path(sys.executable).parent / "ray"),
+            str(RAY_BIN),
             "start",
             "--head",
             "--block",
             "--node-ip-address=127.0.0.1",
-            f"--port={free_port()}",
+            f"--port={port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
             f"--dashboard-agent-listen-port={free_port()}",
             f"--ray-client-server-port={free_port()}",
-            "--num-cpus=2",
+            f"--num-cpus={cpus}",
             "--disable-usage-stats",
         ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,  # its own process group: stopped below by its pid, never `ray stop`
+        start_new_session=True,  # its own process group: stopped below by its pid
     )
     try:
 
         def jobs_api_up() -> bool:
             assert head.poll() is None, head.stdout.read()[-3000:]
-            r = subprocess.run(
-                [str(Path(sys.executable).parent / "ray"), "job", "list"],
-                env=env,
-                capture_output=True,
-                timeout=60,
-            )
+            r = subprocess.run([str(RAY_BIN), "job", "list"], env=env, capture_output=True, timeout=120)
             return r.returncode == 0
 
-        wait_for(jobs_api_up, 120, "the head's jobs API")
+        wait_for(jobs_api_up, "the head's jobs API", poll=1)
+        yield env, f"127.0.0.1:{port}"
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=HANG_GUARD_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    # everything the head started is gone (waited for, without a deadline other than the hang guard)
+    wait_for(lambda: not group_alive(head.pid), "the head's processes to exit")
+
+
+def test_sweep_submitted_as_a_ray_job_to_a_head_started_here(mlflow_tmp_config, tmp_path):
+    cfg = mlflow_tmp_config
+    config = sweep_config(cfg, tmp_path, num_samples=2, scheduler="none", name="jobsweep")
+    job_id = f"q2l-test-{secrets.token_hex(4)}"
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # ~/.ray/auth_token unused
+    with ray_head(cpus=HEAD_CPUS, Q2L_JOB_ID=job_id, **token) as (env, _):
         out = subprocess.run(
             [str(REPO / "experiments/jobs/submit_sweep.sh"), str(config)],
             env=env,
             cwd=tmp_path,
             capture_output=True,
             text=True,
-            timeout=480,
+            timeout=HANG_GUARD_S,
         )
-        log = out.stdout + out.stderr
-        assert out.returncode == 0, log[-5000:]
-        assert f"Job '{env['Q2L_JOB_ID']}' succeeded" in log
-        assert "sweep jobsweep: 2 trials on the Ray cluster" in out.stdout  # followed logs of the job
-        parents, children = sweep_runs(cfg)
-        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-        assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-        assert (Path(cfg.ray.storage_path) / "jobsweep" / "q2l_sweep.json").is_file()  # results came home
-    finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    # everything the head started is gone
-    wait_for(
-        lambda: subprocess.run(["pgrep", "-g", str(head.pid)], capture_output=True).returncode == 1,
-        30,
-        "exit",
-    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-5000:]
+    assert f"Job '{job_id}' succeeded" in log
+    assert "sweep jobsweep: 2 trials on the Ray cluster" in out.stdout  # followed logs of the job
+    parents, children = sweep_runs(cfg)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert (Path(cfg.ray.storage_path) / "jobsweep" / "q2l_sweep.json").is_file()  # results came home

@@ -12,19 +12,14 @@ import optuna
 import pytest
 
 from q2l.config import Config, ConfigError
-from q2l.search_space import parse_space
-from q2l.sweep_record import (
-    COMPLETED,
-    FAILED,
-    STOPPED,
-    TrialRow,
-    format_markdown,
-    leaderboard,
-    registered_model_name,
-    write_plots,
-)
-from q2l.train import error_line
-from q2l.tune import _scheduler, plan_resources, resolve_sweep, write_state
+from q2l.ray_runtime import error_line
+from q2l.sweep.leaderboard import COMPLETED, FAILED, STOPPED, TrialRow, format_markdown, leaderboard
+from q2l.sweep.plots import write_plots
+from q2l.sweep.record import registered_model_name
+from q2l.sweep.resources import plan_resources
+from q2l.sweep.search import scheduler as _scheduler
+from q2l.sweep.space import parse_space
+from q2l.sweep.storage import resolve_sweep, write_state
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -302,8 +297,8 @@ def test_error_line_picks_the_exception_line():
         "Traceback (most recent call last):\n  File x\n    raise ValueError(...)\nValueError: no such model\n"
     )
     assert error_line(text) == "ValueError: no such model"
-    wrapped = "ray::driver()\nq2l.tune.TrialSetupError: model.backbone: 'nope' is not a timm model name\n\n"
-    assert error_line(wrapped).startswith("q2l.tune.TrialSetupError: model.backbone: 'nope'")
+    wrapped = "ray::driver()\nq2l.sweep.trial.TrialSetupError: model.backbone: 'nope' is not a timm model name\n\n"
+    assert error_line(wrapped).startswith("q2l.sweep.trial.TrialSetupError: model.backbone: 'nope'")
 
 
 def test_optuna_plots_are_written(tmp_path):
@@ -324,7 +319,7 @@ def test_child_runs_are_finished_tagged_and_created_for_early_failures(tmp_path)
     """The sweep's bookkeeping on a real (SQLite) MLflow store, without Ray."""
     from mlflow import MlflowClient
 
-    from q2l.sweep_record import finish_child_runs
+    from q2l.sweep.record import finish_child_runs
     from q2l.tracking import ensure_experiment, tracking_uri
 
     cfg = Config().replace({"mlflow.results_dir": str(tmp_path), "mlflow.experiment": "t"})
@@ -362,7 +357,7 @@ def test_child_runs_are_finished_tagged_and_created_for_early_failures(tmp_path)
 def test_relative_paths_are_refused_inside_a_ray_job_with_a_working_dir(monkeypatch):
     import json
 
-    from q2l.tune import _check_job_paths
+    from q2l.sweep.storage import check_job_paths as _check_job_paths
 
     cfg = cfg_with(
         **{"data.root": "data/demo", "ray.storage_path": "/abs/ray", "mlflow.results_dir": "/abs/r"}
@@ -386,7 +381,8 @@ def test_relative_paths_are_refused_inside_a_ray_job_with_a_working_dir(monkeypa
 
 
 def test_sweep_paths_keep_a_uri_query_at_the_end():
-    from q2l.tune import _join, storage_root
+    from q2l.sweep.storage import join as _join
+    from q2l.sweep.storage import storage_root
 
     uri = "s3://bucket/ray/?endpoint_override=127.0.0.1:9000&scheme=http"
     cfg = cfg_with(**{"ray.storage_path": uri})

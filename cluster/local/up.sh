@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Bring up the production-shaped stack on this machine, all on 127.0.0.1:
 #   PostgreSQL (own cluster in the state folder) -> MLflow tracking server (basic-auth, artifacts in S3)
-#   moto S3 server (bucket for MLflow artifacts and Ray checkpoints)
+#   S3 (moto, credentials and IAM policies enforced: s3_server.py): one bucket for MLflow's artifacts, written
+#   only by the MLflow server with its own key, one for Ray's checkpoints and Tune state with the Ray nodes' key
 #   Ray head + a second Ray node (token auth on). Each node offers one "worker_slot" (standing in for the one
 #   GPU per node of a GPU cluster: ray.resources_per_worker={worker_slot: 1} puts one training worker per
 #   node) and its own name as a resource ("head", "node2") to pin work to it.
@@ -11,7 +12,7 @@
 # The stack is ephemeral (moto keeps S3 in memory): each fresh start begins empty; stop it with down.sh.
 #
 # Settings (environment): Q2L_STACK_DIR (state folder, default <repo>/results/cluster), Q2L_PYTHON (the venv's
-# python, default <repo>/.venv/bin/python), Q2L_PG_BIN (PostgreSQL server binaries), Q2L_S3_BUCKET (default q2l),
+# python, default <repo>/.venv/bin/python), Q2L_PG_BIN (PostgreSQL server binaries),
 # ports: Q2L_PG_PORT Q2L_S3_PORT Q2L_MLFLOW_PORT Q2L_RAY_PORT Q2L_RAY_DASHBOARD_PORT Q2L_RAY_CLIENT_PORT
 # Q2L_RAY_AGENT_PORT Q2L_RAY_NODE2_AGENT_PORT Q2L_RAY_AUTOSCALER_METRIC_PORT Q2L_RAY_DASHBOARD_METRIC_PORT
 # (each unset port is picked free), Q2L_RAY_HEAD_CPUS (default 2), Q2L_RAY_NODE2_CPUS (default 1).
@@ -24,7 +25,9 @@ source "$HERE/common.sh"
 
 PY="${Q2L_PYTHON:-$REPO/.venv/bin/python}"
 VENV_BIN="$(dirname "$PY")"
-BUCKET="${Q2L_S3_BUCKET:-q2l}"
+# The buckets and each role's rights are those of the AWS policies (cluster/aws/iam), applied to the local S3.
+IAM="$REPO/cluster/aws/iam"
+bucket_of() { "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["Statement"][0]["Resource"].split(":::")[1])' "$1"; }
 T_START=$(now)
 
 mkdir -p "$STATE"
@@ -55,6 +58,9 @@ command -v curl >/dev/null || die "curl not found"
 
 # A failed start stops whatever it had started (logs stay in the state folder).
 trap 'rc=$?; if [[ $rc -ne 0 ]]; then echo "up.sh failed: stopping what it started" >&2; "$HERE/down.sh" >&2 || true; fi' EXIT
+
+MLFLOW_BUCKET="$(bucket_of "$IAM/q2l-mlflow-server.json")"
+RAY_BUCKET="$(bucket_of "$IAM/q2l-ray-node.json")"
 
 # ---- fresh state folder ------------------------------------------------------------------------------------
 # Other users (postgres) must traverse it; secrets live in a 700 sub-folder.
@@ -91,19 +97,20 @@ done
 
 # ---- secrets (generated here, mode 600, never committed) ------------------------------------------------
 gen_secret() { "$PY" -c "import secrets; print(secrets.token_urlsafe(32))" >"$STATE/secrets/$1"; }
-for s in pg_password mlflow_admin_password mlflow_password flask_secret_key aws_secret_access_key ray_token; do
+for s in pg_password mlflow_admin_password mlflow_password flask_secret_key ray_token; do
     gen_secret "$s"
 done
-echo "q2l$("$PY" -c "import secrets; print(secrets.token_hex(6))")" >"$STATE/secrets/aws_access_key_id"
+# The S3 keys (s3_mlflow_*, s3_ray_*) are made by the S3 server at its start, below.
 
 # Secrets reach the servers through exported variables (in subshells), never through argv: `env VAR=secret
 # cmd` would show them on a command line.
+# export_aws ROLE: the S3 key of that role (mlflow: the MLflow server; ray: the Ray nodes) and nothing else.
 export_aws() {
     export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_DEFAULT_REGION=us-east-1 AWS_REGION=us-east-1
     # boto3 and pyarrow (Ray's storage) both read this: s3:// URIs then mean the local S3, as on AWS.
     export AWS_ENDPOINT_URL_S3="$S3_URL"
-    AWS_ACCESS_KEY_ID="$(cat "$STATE/secrets/aws_access_key_id")"
-    AWS_SECRET_ACCESS_KEY="$(cat "$STATE/secrets/aws_secret_access_key")"
+    AWS_ACCESS_KEY_ID="$(cat "$STATE/secrets/s3_$1_access_key_id")"
+    AWS_SECRET_ACCESS_KEY="$(cat "$STATE/secrets/s3_$1_secret_access_key")"
 }
 S3_URL="http://127.0.0.1:${PORT[S3]}"
 
@@ -131,15 +138,13 @@ CREATE DATABASE mlflow_auth OWNER mlflow;
 EOF
 log_time "postgres" "$t"
 
-# ---- S3 (moto server, in memory) ---------------------------------------------------------------------------
+# ---- S3 (moto server, in memory, keys and policies enforced) -------------------------------------------------
+# It creates both buckets, one IAM user per role with that role's policy and its key (secrets/s3_<role>_*)
+# before it listens; from then on every request needs a valid signature and a policy that allows it.
 t=$(now)
-start_bg moto "$VENV_BIN/moto_server" -H 127.0.0.1 -p "${PORT[S3]}"
-wait_http "$S3_URL/" moto
-(export_aws && S3_URL="$S3_URL" BUCKET="$BUCKET" "$PY" - <<'EOF'
-import os, boto3
-boto3.client("s3", endpoint_url=os.environ["S3_URL"]).create_bucket(Bucket=os.environ["BUCKET"])
-EOF
-)
+start_bg moto "$PY" "$HERE/s3_server.py" --host 127.0.0.1 --port "${PORT[S3]}" --secrets "$STATE/secrets" \
+    "mlflow=$IAM/q2l-mlflow-server.json" "ray=$IAM/q2l-ray-node.json"
+wait_http "$S3_URL/" moto 120
 log_time "s3" "$t"
 
 # ---- MLflow server (PostgreSQL store, S3 artifacts, basic auth) --------------------------------------------
@@ -156,7 +161,7 @@ MLFLOW_URL="http://127.0.0.1:${PORT[MLFLOW]}"
 # libpq reads PGPASSWORD, so the database password is in no URI, file or command line.
 (
     cd "$STATE/mlflow"
-    export_aws
+    export_aws mlflow
     export PGPASSWORD MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY
     PGPASSWORD="$(cat "$STATE/secrets/pg_password")"
     MLFLOW_AUTH_ADMIN_PASSWORD="$(cat "$STATE/secrets/mlflow_admin_password")"
@@ -165,7 +170,7 @@ MLFLOW_URL="http://127.0.0.1:${PORT[MLFLOW]}"
     # The server's job runner (8 more processes, a folder in /dev/shm) serves GenAI features q2l does not use.
     export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
     start_bg mlflow "$VENV_BIN/mlflow" server --backend-store-uri "$PG_URI/mlflow" \
-        --artifacts-destination "s3://$BUCKET/mlflow" --host 127.0.0.1 --port "${PORT[MLFLOW]}" \
+        --artifacts-destination "s3://$MLFLOW_BUCKET/mlflow" --host 127.0.0.1 --port "${PORT[MLFLOW]}" \
         --workers 1 --app-name basic-auth
 )
 wait_http "$MLFLOW_URL/health" mlflow 180
@@ -187,18 +192,23 @@ t=$(now)
 RAY_TMP="$STATE/ray-tmp"
 TOKEN="$STATE/secrets/ray_token"
 DASH_URL="http://127.0.0.1:${PORT[RAY_DASHBOARD]}"
-RAY_STORAGE="s3://$BUCKET/ray"
-# Jobs inherit the nodes' environment: the venv on PATH, S3 and MLflow credentials (as Kubernetes Secrets
-# would give them), token auth on, temp files inside the state folder.
+RAY_STORAGE="s3://$RAY_BUCKET/ray"
+# MLflow 3 clients move artifacts through presigned S3 URLs when the server offers them; the local S3 (moto)
+# checks header-signed requests only, so here every artifact streams through the MLflow server (on AWS, leave
+# these unset: a presigned URL is made by the server, after its permission check, for one object).
+MLFLOW_CLIENT_ENV="MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD=false MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD=false"
+# Jobs inherit the nodes' environment: the venv on PATH, the Ray bucket's key and the MLflow user's
+# credentials (as Kubernetes Secrets would give them; never the MLflow server's S3 key), token auth on,
+# temp files inside the state folder.
 export_ray_env() {
-    export_aws
+    export_aws ray
     export PATH="$VENV_BIN:$PATH" RAY_TMPDIR="$RAY_TMP" TMPDIR="$STATE/tmp"
     export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN" RAY_USAGE_STATS_ENABLED=0
     # Fixed default ports (44217, 44227) would collide with any other Ray head on the machine.
     export AUTOSCALER_METRIC_PORT="${PORT[RAY_AUTOSCALER_METRIC]}" DASHBOARD_METRIC_PORT="${PORT[RAY_DASHBOARD_METRIC]}"
     export MLFLOW_TRACKING_URI="http://127.0.0.1:${PORT[MLFLOW]}" MLFLOW_TRACKING_USERNAME=q2l MLFLOW_TRACKING_PASSWORD
     MLFLOW_TRACKING_PASSWORD="$(cat "$STATE/secrets/mlflow_password")"
-    export Q2L_RAY_STORAGE="$RAY_STORAGE"
+    export Q2L_RAY_STORAGE="$RAY_STORAGE" $MLFLOW_CLIENT_ENV
     # Ray code that connects by itself (e.g. Ray Train's state queries) must find this cluster, not another
     # Ray running on the same machine.
     export RAY_ADDRESS="127.0.0.1:${PORT[RAY]}" RAY_API_SERVER_ADDRESS="$DASH_URL"
@@ -226,6 +236,8 @@ log_time "ray" "$t"
 # ---- env file for clients -------------------------------------------------------------------------------------
 cat >"$STATE/stack.env" <<EOF
 # Source this file to use the stack started by cluster/local/up.sh (secrets are read from $STATE/secrets).
+# It gives a shell what a Ray node has: the Ray token, the MLflow user "q2l" and the Ray bucket's key (a
+# "q2l train" run here is a Ray driver writing checkpoints); MLflow's artifacts go through the server.
 export Q2L_STACK_DIR="$STATE"
 # "ray job submit/list/logs/stop" use the dashboard's jobs API; ray.init() (e.g. "q2l train" run from this
 # shell) joins the cluster through the GCS.
@@ -236,12 +248,12 @@ export RAY_AUTH_TOKEN_PATH="$TOKEN"
 export MLFLOW_TRACKING_URI="http://127.0.0.1:${PORT[MLFLOW]}"
 export MLFLOW_TRACKING_USERNAME=q2l
 export MLFLOW_TRACKING_PASSWORD="\$(cat "$STATE/secrets/mlflow_password")"
-export AWS_ACCESS_KEY_ID="\$(cat "$STATE/secrets/aws_access_key_id")"
-export AWS_SECRET_ACCESS_KEY="\$(cat "$STATE/secrets/aws_secret_access_key")"
+export $MLFLOW_CLIENT_ENV
+export AWS_ACCESS_KEY_ID="\$(cat "$STATE/secrets/s3_ray_access_key_id")"
+export AWS_SECRET_ACCESS_KEY="\$(cat "$STATE/secrets/s3_ray_secret_access_key")"
 export AWS_DEFAULT_REGION=us-east-1
 export AWS_ENDPOINT_URL_S3="$S3_URL"
-export MLFLOW_S3_ENDPOINT_URL="$S3_URL"
-export Q2L_S3_BUCKET="$BUCKET"
+export Q2L_RAY_BUCKET="$RAY_BUCKET"
 export Q2L_RAY_STORAGE="$RAY_STORAGE"
 export Q2L_PG_PORT=${PORT[PG]}
 EOF

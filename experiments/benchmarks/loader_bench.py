@@ -15,7 +15,6 @@ machine shared with other jobs, where wall-clock rates swing with the load.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader
 from q2l.config import DataConfig
 from q2l.data import build_datasets, build_loader
 
+from .common import write_json
 from .seed_baseline import SeedDataset
 
 
@@ -97,8 +97,7 @@ def run(
     result["ratio"] = result["q2l"]["images_per_s"] / result["baseline"]["images_per_s"]
     result["cpu_ratio"] = result["cpu_ms_per_image"]["baseline"] / result["cpu_ms_per_image"]["q2l"]
     if out_json is not None:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2))
+        write_json(out_json, result)
     return result
 
 
@@ -133,9 +132,7 @@ def main() -> None:
         cells = [r["image_size"], r["workers"], f"{b:.1f}", f"{q:.1f}", f"{r['ratio']:.2f}"]
         cells += [f"{cb:.3f}", f"{cq:.3f}", f"{r['cpu_ratio']:.2f}"]
         print(" ".join(f"{c:>14}" for c in cells))
-    Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out_json).write_text(json.dumps(rows, indent=2))
-    print(f"wrote {args.out_json}")
+    print(f"wrote {write_json(args.out_json, rows)}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .common import resolve_device, write_json
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -118,7 +120,7 @@ def run(
     out_json: str | Path | None = None,
 ) -> dict:
     """Peak memory at each batch size and the per-image slope; prints a table, optionally writes JSON."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = resolve_device(device)
     common = {
         "backbone": backbone,
         "image_size": image_size,
@@ -144,8 +146,7 @@ def run(
     }
     print(describe(result))
     if out_json is not None:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2))
+        write_json(out_json, result)
     return result
 
 

@@ -17,13 +17,12 @@ with their loader processes; for Ray this includes checkpointing, reporting and 
 of every other process Ray started (raylet, GCS, controller, driver...). ``cpu_ratio`` = engine CPU per
 image / Ray trainers' CPU per image; ``cpu_ratio_with_ray_processes`` also charges Ray's own processes.
 
-    python experiments/benchmarks/ray_overhead_bench.py --config experiments/demo.yaml --epochs 3 --repeats 2
+    python -m experiments.benchmarks.ray_overhead_bench --config experiments/demo.yaml --epochs 3 --repeats 2
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -36,6 +35,8 @@ from typing import Any
 import torch
 
 from q2l.config import Config, load_config
+
+from .common import write_json
 
 STEADY = "steady_images_per_s"
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -284,9 +285,7 @@ def run(
     }
     _print_table(result)
     if out_json is not None:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {out_json}")
+        print(f"wrote {write_json(out_json, result)}")
     return result
 
 

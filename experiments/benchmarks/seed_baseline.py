@@ -4,8 +4,8 @@ Variants (all train the same Query2Label with the same ASL loss, computed in fp3
 
 - ``seed``: what the project started from. The loader decodes with PIL and runs torchvision v1 transforms
   (Resize → RandAugment → ToTensor → Normalize), so float32 normalised batches cross to the device (4× the
-  bytes of uint8); fp16 autocast with a GradScaler, NCHW, ``torch.optim.AdamW`` with its default
-  implementation (not fused), OneCycleLR, no EMA.
+  bytes of uint8); NCHW, ``torch.optim.AdamW`` with its default implementation (not fused), OneCycleLR, no
+  EMA; fp16 autocast with a GradScaler on CUDA, plain fp32 on a CPU (the seed's autocast was CUDA-only).
 - ``default``: q2l's ``Engine`` with its default precision policy (``train.precision=auto``: bf16 autocast
   on CUDA and on CPUs with native bf16, else fp32; channels_last), uint8 batches normalised on the device,
   fused AdamW on CUDA, EMA; ``default+compile`` adds ``torch.compile`` (its first step, compilation
@@ -16,19 +16,17 @@ Variants (all train the same Query2Label with the same ASL loss, computed in fp3
 Measurements: ``measure_sequential`` (one variant at a time: step time, first-step time, peak memory; for a
 dedicated GPU), ``measure_interleaved`` (all variants built first, timed in alternating rounds; ratios per
 round, for a shared and loaded CPU), ``measure_with_loader`` (each side's real DataLoader over JPEG files,
-so decode and transforms are included), ``loader_cpu_ms_per_image`` and ``flops_per_image``.
+so decode and transforms are included), ``loader_cpu_ms_per_image`` and ``flops_per_image``. MFU is the
+achieved FLOP/s over a matmul peak measured in the same run for the row's precision, only where the device
+runs that precision natively (``common.native_precisions``); elsewhere it is None ("-" in the tables).
 """
 
 from __future__ import annotations
 
 import gc
-import importlib.util
-import math
 import os
 import statistics
-import sys
 import time
-import types
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,42 +38,19 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.io import encode_jpeg, write_file
 
-import q2l
+from q2l.config import Config, DataConfig, config_from_dict
+from q2l.data.dataset import MultiLabelDataset
+from q2l.data.loaders import build_loader
+from q2l.data.transforms import Augment, seed_for
+from q2l.engine import Engine, resolve_precision, seed_everything
+from q2l.losses import build_loss
+from q2l.models import build_model
 
-
-def ensure_data_package() -> None:
-    """Make ``q2l.data``'s submodules importable where pycocotools is not installed (the GPU image).
-
-    ``q2l/data/__init__`` imports the COCO reader, which imports pycocotools at module level; the loader, the
-    dataset and the mixing code the Engine uses need none of it. Where pycocotools is missing the package is
-    registered without running its ``__init__``, so its submodules import on their own.
-    """
-    if "q2l.data" in sys.modules or importlib.util.find_spec("pycocotools") is not None:
-        return
-    package = types.ModuleType("q2l.data")
-    package.__path__ = [str(Path(q2l.__file__).resolve().parent / "data")]
-    sys.modules["q2l.data"] = package
-
-
-ensure_data_package()
-
-from q2l.config import Config, DataConfig, config_from_dict  # noqa: E402
-from q2l.data.dataset import MultiLabelDataset  # noqa: E402
-from q2l.data.loaders import build_loader, local_cores, plan_cpus  # noqa: E402, F401 (plan: for suite.py)
-from q2l.data.transforms import Augment, seed_for  # noqa: E402
-from q2l.engine import (  # noqa: E402, F401 (cpu_bf16_supported: for suite.py, which imports q2l through here)
-    Engine,
-    cpu_bf16_supported,
-    resolve_precision,
-    seed_everything,
-)
-from q2l.losses import build_loss  # noqa: E402
-from q2l.models import build_model  # noqa: E402
-
-from .train_step_bench import forward_flops_per_image, matmul_peak  # noqa: E402
+from .common import native_precisions, utilisation
+from .train_step_bench import DTYPES, forward_flops_per_image, matmul_peak
 
 NUM_CLASSES = 80
-# Query2Label's official R101 settings (DESIGN §2): d = 2048 = ResNet-101's channels, so no projection.
+# Query2Label's official R101 settings (docs/design.md §2): d = 2048 = ResNet-101's channels (no projection)
 OFFICIAL = {"resnet101": {"hidden_dim": 2048, "num_heads": 4, "dim_feedforward": 8192}}
 ENGINE_VARIANTS = {
     "default": {},
@@ -141,14 +116,15 @@ class SeedDataset(Dataset):
 
 
 class SeedTrainer:
-    """One training step the seed's way: float32 batch to the device, fp16 autocast + GradScaler, NCHW,
-    default (non-fused) AdamW, OneCycleLR stepped per batch, no EMA; the loss value is read every step."""
+    """One training step the seed's way: float32 batch to the device, NCHW, default (non-fused) AdamW,
+    OneCycleLR stepped per batch, no EMA; the loss value is read every step. On CUDA fp16 autocast with a
+    GradScaler; on a CPU plain fp32, as the seed ran there (its autocast and scaler were CUDA-only)."""
 
-    precision = "fp16"
     channels_last = False
 
     def __init__(self, cfg: Config, device: torch.device):
         self.device = device
+        self.precision = seed_precision(device)
         self.model = build_model(cfg.model, NUM_CLASSES).to(device)
         self.loss_fn = build_loss(cfg.loss).to(device)
         self.optimizer = torch.optim.AdamW(
@@ -157,7 +133,7 @@ class SeedTrainer:
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=cfg.optim.lr, total_steps=SCHEDULE_STEPS, pct_start=cfg.optim.pct_start
         )
-        self.scaler = torch.amp.GradScaler(device.type)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
 
     @staticmethod
     def host_batch(images: torch.Tensor) -> torch.Tensor:
@@ -171,7 +147,7 @@ class SeedTrainer:
         self.model.train()
         x = images.to(self.device, non_blocking=True)
         y = targets.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.float16):
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.precision == "fp16"):
             logits = self.model(x)
         loss = self.loss_fn(logits.float(), y)
         self.optimizer.zero_grad()
@@ -523,20 +499,20 @@ def measure_with_loader(
 
 
 def matmul_peaks(device: torch.device, precisions: set[str]) -> dict[str, float]:
-    """FLOP/s of a large square matmul for each precision name (fp32, bf16, fp16), measured now."""
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    return {name: matmul_peak(device, dtypes[name]) for name in sorted(precisions)}
+    """FLOP/s of a large square matmul for each of ``precisions`` the device runs natively, measured now."""
+    native = native_precisions(device)
+    return {name: matmul_peak(device, DTYPES[name]) for name in sorted(precisions) if name in native}
 
 
 def add_utilisation(rows: list[dict], flops_image: float, batch_size: int, peaks: dict[str, float]) -> None:
-    """Add achieved TFLOP/s (3 × forward FLOPs per step) and the share of the matching matmul peak."""
+    """Add achieved TFLOP/s (3 × forward FLOPs per step) and the share of the matching matmul peak (MFU;
+    None where no peak applies)."""
     for row in rows:
         if "step_s" not in row:
             continue
         achieved = 3 * flops_image * batch_size / row["step_s"]
         row["achieved_tflops"] = achieved / 1e12
-        peak = peaks.get(row["precision"])
-        row["utilisation"] = achieved / peak if peak else math.nan
+        row["utilisation"] = utilisation(achieved, row["precision"], peaks)
 
 
 def device_name(device: torch.device) -> str:
@@ -549,10 +525,15 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {torch.get_num_threads()} torch threads"
 
 
+def seed_precision(device: torch.device) -> str:
+    """What the seed trained in on ``device``: fp16 autocast on CUDA, fp32 elsewhere."""
+    return "fp16" if torch.device(device).type == "cuda" else "fp32"
+
+
 def variant_precision(variant: str, device: torch.device) -> str:
     """The precision name ``variant`` trains in on ``device`` (for choosing matmul peaks up front)."""
     if variant == "seed":
-        return "fp16"
+        return seed_precision(device)
     return resolve_precision(ENGINE_VARIANTS[variant].get("precision", "auto"), device).name
 
 
@@ -707,9 +688,10 @@ def describe(result: dict) -> str:
         ratio = r.get(f"speedup_vs_{base}") if base else result.get("speedup_vs_seed", {}).get(r["variant"])
         peak = f"{r['peak_mib']:10.0f}" if "peak_mib" in r else f"{'-':>10}"
         first = f"{r['first_step_s']:9.2f}" if "first_step_s" in r else f"{'-':>9}"
+        mfu = f"{r['utilisation']:7.1%}" if r.get("utilisation") is not None else f"{'-':>7}"
         lines.append(
             f"{r['variant']:<16}{r['precision']:>5}{'y' if r['channels_last'] else 'n':>4}{r['step_s']:9.4f}"
-            f"{r['cpu_s']:8.3f}{r['images_per_s']:9.1f}{r['achieved_tflops']:9.3f}{r['utilisation']:7.1%}"
+            f"{r['cpu_s']:8.3f}{r['images_per_s']:9.1f}{r['achieved_tflops']:9.3f}{mfu}"
             f"{peak}{first}" + (f"{ratio:7.2f}" if ratio is not None else f"{'-':>7}")
         )
     for r in result.get("loader_included", []):

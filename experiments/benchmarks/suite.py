@@ -1,15 +1,16 @@
 """``q2l bench``: the benchmark suite. Each part runs alone, prints its table and writes JSON under ``--out``.
 
   a     training step through the Engine (``train_step_bench``): images/s, forward FLOPs per image,
-        utilisation against a matmul peak measured in the same run, peak memory, per precision/layout;
+        MFU against a matmul peak measured in the same run (where the device runs that dtype natively),
+        peak memory, per precision/layout;
         then the fast-path check: the Engine's default precision policy against fp32 NCHW, interleaved
         rounds, median ratio (target on a CPU with native bf16: ≥ 2×)
   b     data loader (``loader_bench``): q2l's pipeline vs the seed's, images/s per worker, CPU ms per image
-  c     metrics (``metrics_bench``): vectorised AP on 40,504 × 80 scores vs a per-class scikit-learn loop
+  c     metrics (``metrics_bench``): q2l's AP vs torchmetrics' and a scikit-learn loop, 5,000 and 40,504 × 80
   d     Ray overhead (``ray_overhead_bench``): the Engine loop alone vs ``q2l train`` with 1 (and 2) workers
   e     peak training memory per image (``memory_bench``)
-  seed  the fast path vs the seed's way of training (``seed_baseline``): step-only and loader-included,
-        with MFU and peak memory; ``gpu.sh`` runs this part on a GPU
+  seed  the fast path vs the seed's way of training (``seed_baseline``; on a CPU the seed's fp32 NCHW path):
+        step-only and loader-included, with MFU and peak memory; ``gpu.sh`` runs this part on a GPU
 
     python -m experiments.benchmarks.suite a --threads 1         # from the repository root
     q2l bench a c e --backbone resnet18 --image-size 224 --batch-size 16
@@ -31,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from .common import resolve_device, write_json
+
 PARTS = ("a", "b", "c", "d", "e", "seed")
 DEFAULT_PARTS = ("a", "b", "c", "d", "e")
 CPU_TARGET = 2.0  # issue 8: default training step ≥ 2× fp32 NCHW on a CPU with native bf16
@@ -38,21 +41,14 @@ SEED_TARGET = 1.5  # issue 8: fast path ≥ 1.5× the seed's way on a GPU
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
-def _write(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str))
-
-
 def part_a(args: argparse.Namespace, out: Path) -> dict:
     """Training step table (train_step_bench) and the interleaved default-vs-fp32 check."""
-    # q2l's engine and loaders through seed_baseline, which makes them importable without pycocotools
+    from q2l.data.loaders import local_cores, plan_cpus
+    from q2l.engine import cpu_bf16_supported
+
     from . import seed_baseline, train_step_bench
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     precisions = args.precisions or (
         ("fp16", "fp16+cl", "bf16+cl") if device.type == "cuda" else ("fp32", "bf16", "bf16+cl")
     )
@@ -80,14 +76,14 @@ def part_a(args: argparse.Namespace, out: Path) -> dict:
     print(seed_baseline.describe(check))
     default = next(r for r in check["results"] if r["variant"] == "default")
     speedup = default["speedup_vs_fp32"]
-    target = CPU_TARGET if device.type == "cpu" and seed_baseline.cpu_bf16_supported() else None
+    target = CPU_TARGET if device.type == "cpu" and cpu_bf16_supported() else None
     verdict = "no target here" if target is None else ("met" if speedup >= target else "MISSED")
     print(
         f"default ({default['precision']}, channels_last={default['channels_last']}) vs fp32 NCHW: "
         f"{speedup:.2f}× wall (median of {args.rounds} rounds), {default['cpu_speedup_vs_fp32']:.2f}× CPU "
         f"time; target {target or '-'}: {verdict}"
     )
-    cores = seed_baseline.local_cores()
+    cores = local_cores()
     return {
         "train_step": table,
         "fast_path_check": check,
@@ -96,7 +92,7 @@ def part_a(args: argparse.Namespace, out: Path) -> dict:
         "target_met": None if target is None else speedup >= target,
         "cores": cores,
         "torch_threads": torch.get_num_threads(),
-        "cpu_plan": dataclasses.asdict(seed_baseline.plan_cpus(cores)),
+        "cpu_plan": dataclasses.asdict(plan_cpus(cores)),
     }
 
 
@@ -134,7 +130,7 @@ def part_b(args: argparse.Namespace, out: Path) -> dict:
 
 
 def part_c(args: argparse.Namespace, out: Path) -> dict:
-    """Metrics: vectorised AP vs the per-class scikit-learn loop."""
+    """Metrics: q2l's vectorised AP vs torchmetrics' and a per-class scikit-learn loop."""
     from . import metrics_bench
 
     return metrics_bench.run(None, repeats=args.repeats, threads=args.threads)
@@ -176,9 +172,11 @@ def part_e(args: argparse.Namespace, out: Path) -> dict:
 
 def part_seed(args: argparse.Namespace, out: Path) -> dict:
     """The fast path vs the seed's way: step-only, then loader-included over generated JPEGs."""
+    from q2l.data.loaders import local_cores, plan_cpus
+
     from . import seed_baseline
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda":
         # both sides get cuDNN's autotuner (fixed shapes: drop_last batches), as the official Q2L code sets
         torch.backends.cudnn.benchmark = True
@@ -186,13 +184,13 @@ def part_seed(args: argparse.Namespace, out: Path) -> dict:
     name = json_name("seed", args)
 
     def save(result: dict) -> None:
-        _write(out / name, result)
+        write_json(out / name, result)
         (out / name).with_suffix(".md").write_text(markdown(result))
 
     with tempfile.TemporaryDirectory(prefix="q2l-bench-jpegs-") as tmp:
         loader = None
         if args.loader_steps > 0:
-            plan = seed_baseline.plan_cpus(seed_baseline.local_cores(), device.type, args.loader_workers)
+            plan = plan_cpus(local_cores(), device.type, args.loader_workers)
             workers = max(1, plan.loader_workers)
             count = seed_baseline.images_needed(args.batch_size, args.loader_steps, args.loader_warmup)
             print(f"writing {count} synthetic 640×480 JPEGs for the loader-included runs ...")
@@ -241,7 +239,7 @@ def markdown(result: dict) -> str:
             "yes" if r["channels_last"] else "no",
             f"{r['step_s']:.4f}",
             f"{r['images_per_s']:.1f}",
-            f"{r.get('utilisation', math.nan):.1%}",
+            f"{r['utilisation']:.1%}" if r.get("utilisation") is not None else "-",
             f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-",
             f"{r['static_mib']:.0f}" if "static_mib" in r else "-",
             f"{r['first_step_s']:.1f}" if "first_step_s" in r else "-",
@@ -361,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         result = RUNNERS[part](args, out)
         result["part_seconds"] = time.perf_counter() - start
-        _write(out / json_name(part, args), result)
+        write_json(out / json_name(part, args), result)
         print(f"wrote {out / json_name(part, args)} ({result['part_seconds']:.0f} s)")
     return 0
 

@@ -5,10 +5,11 @@ batches), runs ``warmup`` steps, then times ``steps`` steps and reports the medi
 FLOPs per image (forward, counted with ``torch.utils.flop_counter.FlopCounterMode``), the achieved FLOP/s of
 a training step taken as 3 × forward FLOPs (backward ≈ 2 × forward: the counter's own backward count is
 unusable, torch 2.14 counts a grouped convolution's weight gradient as if it were dense, ``groups`` times too
-much for depthwise convolutions) as a share of a matmul peak measured in the same run for the same dtype, the
-peak host RSS of the variant and, on CUDA, ``torch.cuda.max_memory_allocated``.
+much for depthwise convolutions) as a share of a matmul peak measured in the same run for the same dtype
+(none where the device only emulates that dtype), the peak host RSS of the variant and, on CUDA,
+``torch.cuda.max_memory_allocated``.
 
-    python experiments/benchmarks/train_step_bench.py --backbone tf_efficientnet_lite0 --image-size 128 \\
+    python -m experiments.benchmarks.train_step_bench --backbone tf_efficientnet_lite0 --image-size 128 \\
         --batch-size 32 --precisions fp32 bf16 bf16+cl --out results/bench/train_step.json
 
 Variants are ``fp32``, ``bf16`` or ``fp16`` (CUDA), with ``+cl`` for channels_last (default NCHW).
@@ -17,7 +18,6 @@ Variants are ``fp32``, ``bf16`` or ``fp16`` (CUDA), with ``+cl`` for channels_la
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
@@ -31,6 +31,10 @@ from q2l.config import config_from_dict
 from q2l.engine import Engine, seed_everything
 from q2l.losses import build_loss
 from q2l.models import build_model
+
+from .common import native_precisions, resolve_device, utilisation, write_json
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _sync(device: torch.device) -> None:
@@ -163,15 +167,14 @@ def run(
     device: str = "auto",
 ) -> dict:
     """Benchmark every variant in ``precisions``; print a table, optionally write JSON; return the results."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    peaks = {"fp32": matmul_peak(dev, torch.float32), "bf16": matmul_peak(dev, torch.bfloat16)}
-    if dev.type == "cuda":
-        peaks["fp16"] = matmul_peak(dev, torch.float16)
+    dev = resolve_device(device)
+    peaks = {name: matmul_peak(dev, DTYPES[name]) for name in native_precisions(dev)}
     rows = []
     for variant in precisions:
         row = bench_variant(variant, backbone, image_size, batch_size, steps, warmup, dev)
-        row["matmul_peak_tflops"] = peaks[row["precision"]] / 1e12
-        row["utilisation"] = row["achieved_tflops"] / row["matmul_peak_tflops"]
+        peak = peaks.get(row["precision"])
+        row["matmul_peak_tflops"] = peak / 1e12 if peak else None
+        row["utilisation"] = utilisation(row["achieved_tflops"] * 1e12, row["precision"], peaks)
         rows.append(row)
     result = {
         "backbone": backbone,
@@ -187,8 +190,7 @@ def run(
     }
     _print_table(result)
     if out_json is not None:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2))
+        write_json(out_json, result)
     return result
 
 
@@ -208,9 +210,10 @@ def _print_table(result: dict) -> None:
         cuda = (
             f"{r['cuda_max_allocated_mib']:9.0f}" if r["cuda_max_allocated_mib"] is not None else f"{'-':>9}"
         )
+        util = f"{r['utilisation']:6.1%}" if r["utilisation"] is not None else f"{'-':>6}"
         print(
             f"{r['variant']:<9} {r['step_s']:8.4f} {r['images_per_s']:8.1f} {r['gflop_per_image_fwd']:9.3f} "
-            f"{r['achieved_tflops']:8.4f} {r['utilisation']:6.1%} {r['peak_rss_mib']:8.0f} {cuda}"
+            f"{r['achieved_tflops']:8.4f} {util} {r['peak_rss_mib']:8.0f} {cuda}"
         )
 
 

@@ -125,6 +125,7 @@ def build_datasets(data_cfg: DataConfig, train: bool = True) -> DataSplits:
             on_bad_image=cfg.on_bad_image,
             cache=cache,
             keys=part.keys,
+            max_pixels=cfg.max_image_pixels,
         )
 
     return DataSplits(

@@ -16,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from q2l.data.table import DataError, LabelTable, file_sha256, load_cached_table, save_cached_table
+from q2l.data.table import (
+    DataError,
+    LabelTable,
+    file_sha256,
+    load_cached_table,
+    raise_first,
+    save_cached_table,
+)
 
 _CACHE_VERSION = "coco-v1"
 
@@ -35,8 +42,33 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{p}: not UTF-8 text (byte {e.start}): {e.reason}") from None
 
 
-def check_coco_structure(d: Any, path: str | Path) -> None:
-    """Raise ``DataError`` unless ``d`` has the COCO keys and shapes this reader relies on."""
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _where(path: str | Path, kind: str, i: int, item: Any) -> str:
+    ann_id = item.get("id") if kind == "annotations" and isinstance(item, dict) else None
+    return f"{path}: {kind}[{i}]" + (f" (id {ann_id!r})" if ann_id is not None else "")
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# what each entry must hold: key → (check, what it must be)
+_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
+    "images": {
+        "id": (_is_id, "an integer"),
+        "file_name": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
+    },
+    "categories": {"id": (_is_id, "an integer"), "name": (lambda v: isinstance(v, str), "a string")},
+    "annotations": {"image_id": (_is_id, "an integer"), "category_id": (_is_id, "an integer")},
+}
+
+
+def check_coco_top_level(d: Any, path: str | Path) -> None:
+    """Raise ``DataError`` unless ``d`` is an object with lists of images, categories (and annotations)."""
     if not isinstance(d, dict):
         raise DataError(f"{path}: top level must be a JSON object with images/annotations/categories")
     for key in ("images", "categories"):
@@ -44,44 +76,71 @@ def check_coco_structure(d: Any, path: str | Path) -> None:
             raise DataError(f"{path}: missing or non-list key {key!r}")
     if not isinstance(d.get("annotations", []), list):
         raise DataError(f"{path}: key 'annotations' must be a list")
-    for kind, required in (("images", ("id", "file_name")), ("categories", ("id", "name"))):
-        for i, item in enumerate(d[kind]):
-            if not isinstance(item, dict) or any(k not in item for k in required):
-                raise DataError(f"{path}: {kind}[{i}] must be an object with {', '.join(required)}")
-    for i, ann in enumerate(d.get("annotations", [])):
-        if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
-            raise DataError(f"{path}: annotations[{i}] must be an object with image_id and category_id")
+
+
+def _well_formed(kind: str, item: Any) -> bool:
+    fields = _FIELDS[kind]
+    return isinstance(item, dict) and all(k in item and ok(item[k]) for k, (ok, _) in fields.items())
+
+
+def coco_entry_problems(d: dict, path: str | Path) -> list[str]:
+    """Entries of images/categories/annotations that are not objects or lack or mistype an id or name."""
+    problems = []
+    for kind, fields in _FIELDS.items():
+        for i, item in enumerate(d.get(kind, [])):
+            if not isinstance(item, dict):
+                problems.append(f"{_where(path, kind, i, item)}: must be a JSON object, got {_shown(item)}")
+                continue
+            for key, (ok, must_be) in fields.items():
+                if key not in item:
+                    problems.append(f"{_where(path, kind, i, item)}: missing {key!r}")
+                elif not ok(item[key]):
+                    problems.append(
+                        f"{_where(path, kind, i, item)}: {key} must be {must_be}, got {_shown(item[key])}"
+                    )
+    return problems
 
 
 def coco_reference_problems(d: dict, path: str | Path) -> list[str]:
-    """Annotations pointing at an unknown category or image id, and duplicate ids, as messages."""
-    cat_ids = {c["id"] for c in d["categories"]}
-    img_ids = [im["id"] for im in d["images"]]
+    """Annotations pointing at an unknown category or image id, and duplicate ids, as messages.
+
+    Entries that ``coco_entry_problems`` reports are left out here (their ids cannot be compared).
+    """
+    categories = [c for c in d["categories"] if _well_formed("categories", c)]
+    images = [im for im in d["images"] if _well_formed("images", im)]
+    cat_ids = {c["id"] for c in categories}
+    img_ids = [im["id"] for im in images]
     problems = []
     if len(set(img_ids)) != len(img_ids):
         problems.append(f"{path}: duplicate image ids")
-    if len(cat_ids) != len(d["categories"]):
+    if len(cat_ids) != len(categories):
         problems.append(f"{path}: duplicate category ids")
+    names = [c["name"] for c in categories]
+    if len(set(names)) != len(names):
+        problems.append(f"{path}: duplicate category names (each category becomes one label)")
     img_set = set(img_ids)
     for i, ann in enumerate(d.get("annotations", [])):
+        if not _well_formed("annotations", ann):
+            continue
         if ann["category_id"] not in cat_ids:
             problems.append(
-                f"{path}: annotations[{i}] (id {ann.get('id')}): unknown category_id {ann['category_id']!r}"
+                f"{_where(path, 'annotations', i, ann)}: unknown category_id {ann['category_id']!r}"
             )
         if ann["image_id"] not in img_set:
-            problems.append(
-                f"{path}: annotations[{i}] (id {ann.get('id')}): missing image_id {ann['image_id']!r}"
-            )
+            problems.append(f"{_where(path, 'annotations', i, ann)}: missing image_id {ann['image_id']!r}")
     return problems
+
+
+def check_coco_structure(d: Any, path: str | Path) -> None:
+    """Raise ``DataError`` unless ``d`` has the COCO keys, shapes and id types this reader relies on."""
+    check_coco_top_level(d, path)
+    raise_first(coco_entry_problems(d, path))
 
 
 def _parse(path: Path, include_unannotated: bool) -> tuple[list[str], np.ndarray, list[str]]:
     d = read_json(path)
     check_coco_structure(d, path)
-    problems = coco_reference_problems(d, path)
-    if problems:
-        more = f" (and {len(problems) - 1} more; run `q2l data validate`)" if len(problems) > 1 else ""
-        raise DataError(problems[0] + more)
+    raise_first(coco_reference_problems(d, path))
     d.setdefault("annotations", [])
     # imported here so that the loaders and transforms import where pycocotools is absent (GPU images)
     from pycocotools.coco import COCO

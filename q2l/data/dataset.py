@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from q2l.data.cache import ResizedCache
 from q2l.data.device_decode import EncodedItem, is_jpeg
-from q2l.data.images import BadImageError, BadImagePolicy, decode_rgb, read_bytes
+from q2l.data.images import DEFAULT_MAX_PIXELS, BadImageError, BadImagePolicy, decode_rgb, read_bytes
 from q2l.data.transforms import Augment, seed_for, squish_resize
 
 
@@ -19,6 +19,8 @@ class MultiLabelDataset(Dataset):
 
     An item can be asked for as ``ds[i]`` or as ``ds[(i, seed)]``: the loader's sampler passes a per-epoch
     sample seed so that augmentation is reproducible whatever the worker count.
+
+    Images over ``max_pixels`` (``data.max_image_pixels``, read from the header) are bad images.
 
     With ``encoded=True`` items are ``EncodedItem`` s for decoding on the training device (``DeviceDecoder``):
     a JPEG's file bytes, or for other formats and cached images the decoded, resized, unaugmented image.
@@ -36,6 +38,7 @@ class MultiLabelDataset(Dataset):
         cache: ResizedCache | None = None,
         keys: list[str] | None = None,
         encoded: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         if len(paths) != len(targets):
             raise ValueError(f"{len(paths)} paths but {len(targets)} target rows")
@@ -48,6 +51,7 @@ class MultiLabelDataset(Dataset):
         self.policy = BadImagePolicy(on_bad_image)
         self.cache = cache
         self.encoded = encoded
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -58,7 +62,7 @@ class MultiLabelDataset(Dataset):
             img = self.cache.get(index)
             if img is not None:
                 return img
-        img = squish_resize(decode_rgb(self.paths[index]), self.image_size)
+        img = squish_resize(decode_rgb(self.paths[index], self.max_pixels), self.image_size)
         if self.cache is not None:
             self.cache.put(index, img)
         return img

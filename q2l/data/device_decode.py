@@ -5,7 +5,8 @@ other formats and cached images, the image decoded and resized in the worker, un
 ``EncodedCollate`` packs a batch's payloads into one buffer, so a batch crosses the worker queue as one
 shared-memory segment rather than one per image (file descriptors run out otherwise). ``DeviceDecoder``
 decodes all JPEGs of a batch in one ``torchvision.io.decode_jpeg`` call on the device (nvJPEG on CUDA),
-then squish-resizes and augments each image there with its sample seed.
+then squish-resizes and augments each image there with its sample seed. Each JPEG's size is checked from
+its header first (``data.max_image_pixels``), so an oversized one is a bad image before nvJPEG allocates it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from q2l.data.batch import Batch
-from q2l.data.images import BadImageError, BadImagePolicy, decode_rgb
+from q2l.data.images import DEFAULT_MAX_PIXELS, BadImageError, BadImagePolicy, check_image_size, decode_rgb
 from q2l.data.transforms import Augment, squish_resize
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -94,10 +95,17 @@ class EncodedCollate:
 class DeviceDecoder:
     """``EncodedBatch`` → ``Batch``: uint8 images ``[B,3,S,S]`` decoded, resized and augmented on a device."""
 
-    def __init__(self, image_size: int, augment: Augment | None = None, on_bad_image: str = "error"):
+    def __init__(
+        self,
+        image_size: int,
+        augment: Augment | None = None,
+        on_bad_image: str = "error",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         self.image_size = image_size
         self.augment = augment
         self.policy = BadImagePolicy(on_bad_image)
+        self.max_pixels = max_pixels
 
     def __call__(self, batch: EncodedBatch, device: torch.device | str) -> Batch:
         """Decode ``batch`` on ``device``; targets and indices stay where they are."""
@@ -121,7 +129,7 @@ class DeviceDecoder:
     def _decode(self, payloads: list[torch.Tensor], paths: list[str], device: torch.device) -> list:
         """Each payload as an image on ``device``, None for a bad one under policy skip."""
         images = [p.to(device, non_blocking=True) if p.ndim == 3 else None for p in payloads]
-        jpegs = [i for i, p in enumerate(payloads) if p.ndim == 1]
+        jpegs = [i for i, p in enumerate(payloads) if p.ndim == 1 and self._size_ok(p, paths[i])]
         if not jpegs:
             return images
         try:
@@ -132,6 +140,15 @@ class DeviceDecoder:
             images[i] = img
         return images
 
+    def _size_ok(self, data: torch.Tensor, path: str) -> bool:
+        """Whether the JPEG's header size is within ``max_pixels``; False for a bad one under policy skip."""
+        try:
+            check_image_size(data, path, self.max_pixels)
+        except BadImageError as e:
+            self.policy.handle(e)
+            return False
+        return True
+
     def _decode_one(self, data: torch.Tensor, path: str, device: torch.device) -> torch.Tensor | None:
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
@@ -140,7 +157,7 @@ class DeviceDecoder:
         # what the device cannot decode goes through the loader path's decoder: its PIL fallback reads
         # JPEG variants nvJPEG rejects, and a truly bad file gets the same BadImageError as there
         try:
-            return decode_rgb(path).to(device)
+            return decode_rgb(path, self.max_pixels).to(device)
         except BadImageError as e:
             self.policy.handle(e)
             return None

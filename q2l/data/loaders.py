@@ -126,7 +126,12 @@ def build_loader(
     num_classes = len(getattr(dataset, "label_names", [])) or int(dataset[0][1].numel())
     on_device = data_cfg.decode == "device" and device is not None
     if on_device:
-        decoder = DeviceDecoder(image_size, getattr(dataset, "augment", None), data_cfg.on_bad_image)
+        decoder = DeviceDecoder(
+            image_size,
+            getattr(dataset, "augment", None),
+            data_cfg.on_bad_image,
+            max_pixels=getattr(dataset, "max_pixels", data_cfg.max_image_pixels),
+        )
         dataset = dataset.encoded_view()
     loader = DataLoader(
         dataset,

@@ -19,6 +19,13 @@ class DataError(ValueError):
     """A data set that cannot be used as configured (missing/malformed annotations, empty set …)."""
 
 
+def raise_first(problems: list[str]) -> None:
+    """Raise the first problem as ``DataError`` (with how many more there are), if there is any."""
+    if problems:
+        more = f" (and {len(problems) - 1} more; run `q2l data validate`)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
+
+
 @dataclass
 class LabelTable:
     """Images and their multi-hot labels, as read from one annotation source."""

@@ -8,8 +8,13 @@ CSV (``.csv``), one image per line, in one of two shapes:
   empty unknown (partial labels); the header fixes the label names and their order.
 
 JSONL (any other suffix, e.g. ``.jsonl``): one object per line ``{"image": path, "labels": [names]}``; an
-optional first line ``{"label_names": [...]}`` fixes the names. Without declared names the label names are
-the sorted union over the train and test files. Relative image paths are resolved against ``root``.
+optional first line ``{"label_names": [...]}`` fixes the names. Relative image paths are resolved against
+``root``.
+
+Declared names (a wide header, a ``label_names`` line) are the label set, and a label outside it is an
+error naming the file and line. Without declared names the label set is the sorted labels of the training
+file: a label only the test file uses is an error (a class no image teaches), and so is a label written as
+an index (all digits, e.g. ``99``) among labels written as names; neither silently becomes a new class.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from q2l.data.table import DataError, LabelTable
+from q2l.data.table import DataError, LabelTable, raise_first
 
 _IMAGE_COLUMNS = {"image", "path", "file", "file_name", "filename", "image_path"}
 _LABEL_COLUMNS = {"labels", "label", "tags"}
@@ -152,6 +157,35 @@ def read_rows(path: str | Path, errors: list[str] | None = None) -> tuple[list[R
     return rows, names, data
 
 
+def label_set(files: list[tuple[Path, list[Row]]], declared: list[str] | None) -> tuple[list[str], list[str]]:
+    """The label names of ``files`` (training file first) and every label outside them, as messages.
+
+    ``declared``: the names the files declare, or None (then the training file's labels are the set).
+    """
+    if declared is not None:
+        names, outside = list(declared), "is not among the declared label names"
+    else:
+        train_file, train_rows = files[0]
+        names = sorted({n for _, labels, _ in train_rows for n in labels})
+        outside = f"does not occur in the training file {train_file}"
+    known = set(names)
+    index_like = {n for n in names if n.isdigit()}
+    mixed = declared is None and index_like and len(index_like) < len(names)
+    problems = []
+    for file, rows in files:
+        for _, labels, lineno in rows:
+            for n in labels:
+                if n not in known:
+                    hint = " (labels are written as names, not as indices)" if n.isdigit() else ""
+                    problems.append(f"{file}:{lineno}: label {n!r} {outside}{hint}")
+                elif mixed and n in index_like:
+                    problems.append(
+                        f"{file}:{lineno}: label {n!r} looks like a class index while the other labels are"
+                        " names; write its name, or declare the label set (a header of label columns)"
+                    )
+    return names, problems
+
+
 def load_tabular(
     train_file: str | Path,
     test_file: str | Path | None,
@@ -167,22 +201,19 @@ def load_tabular(
     declared = [names for _, names, _ in parsed if names is not None]
     if declared and any(d != declared[0] for d in declared):
         raise DataError(f"{train_file} and {test_file} declare different label names")
-    if declared:
-        label_names = list(declared[0])
-    else:
-        label_names = sorted({name for rows, _, _ in parsed for _, labels, _ in rows for name in labels})
+    files = [(Path(f), rows) for f, (rows, _, _) in zip((train_file, test_file), parsed, strict=True)]
+    label_names, problems = label_set(files, declared[0] if declared else None)
+    raise_first(problems)
     index_of = {n: k for k, n in enumerate(label_names)}
     h = hashlib.sha256()
     for _, _, data in parsed:
         h.update(hashlib.sha256(data).digest())
     tables = []
-    for file, (rows, _, _) in zip((train_file, test_file), parsed, strict=True):
+    for _, rows in files:
         keys, targets = [], []
-        for image, labels, lineno in rows:
+        for image, labels, _ in rows:
             row = np.zeros(len(label_names), dtype=np.int8)
             for name, value in labels.items():
-                if name not in index_of:
-                    raise DataError(f"{file}:{lineno}: label {name!r} is not among the declared label names")
                 row[index_of[name]] = value
             if not include_unannotated and not (row == 1).any():
                 continue

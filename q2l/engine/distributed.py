@@ -1,6 +1,8 @@
-"""torch.distributed helpers: rank/world size, the DDP wrap, gathering evaluation outputs from all ranks."""
+"""torch.distributed helpers: rank/world size, the DDP wrap, gathering predictions, small collectives."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,6 +63,31 @@ def _comm_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """``values`` summed element-wise over all ranks, on every rank (identity without a group or world 1).
+
+    One float64 all-reduce (on the current CUDA device under NCCL, on CPU under gloo): collective, so every
+    rank must call it with a list of the same length.
+    """
+    if not is_distributed() or get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)  # SUM
+    return t.cpu().tolist()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank (identity without a group or world 1).
+
+    Collective: every rank must call it; the values other ranks pass are ignored.
+    """
+    if not is_distributed() or get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_predictions(

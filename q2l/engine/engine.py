@@ -2,7 +2,9 @@
 
 It owns the optimizer (AdamW, per-group weight decay), the OneCycle schedule (stepped per optimizer step,
 per-rank step count), the autocast policy (+ GradScaler for fp16), gradient clipping and accumulation, the
-EMA of the weights, the DDP wrap (when a process group is initialised) and optional ``torch.compile``.
+EMA of the weights, the DDP wrap (when a process group is initialised), optional ``torch.compile``, early
+stopping, and the best weights so far (model or EMA, whichever scored the better holdout mAP:
+``best_weights``, checkpointed with the rest; ``load_best_weights`` for the test evaluation).
 Batches arrive as uint8 images and are normalised on the device with the backbone's mean/std. Epochs are
 seeded from (seed, rank, epoch), so resuming at an epoch boundary replays the uninterrupted run on every
 rank; the checkpoint also carries this process's RNG states, so a resume mid-epoch is exact on a single
@@ -34,7 +36,7 @@ from q2l.engine.distributed import (
     is_distributed,
     wrap_ddp,
 )
-from q2l.engine.ema import ModelEma
+from q2l.engine.ema import build_ema
 from q2l.engine.optim import build_optimizer, build_scheduler
 from q2l.engine.precision import fp32_depthwise_convs, resolve_precision
 from q2l.engine.seed import derive_seed, seed_everything
@@ -85,12 +87,32 @@ class EpochResult:
     @property
     def holdout_map(self) -> float:
         """The better of the model's and the EMA's holdout mAP this epoch."""
-        return _best_of(self.holdout, self.holdout_ema)
+        return better_source(self.holdout, self.holdout_ema)[1]
+
+    @property
+    def best_source(self) -> str:
+        """``"ema"`` or ``"model"``: whose weights scored ``holdout_map``."""
+        return better_source(self.holdout, self.holdout_ema)[0]
 
 
-def _best_of(model: MetricSummary, ema: MetricSummary | None) -> float:
-    values = [s.map for s in (model, ema) if s is not None and not math.isnan(s.map)]
-    return max(values) if values else math.nan
+def better_source(model: MetricSummary, ema: MetricSummary | None) -> tuple[str, float]:
+    """Which weights scored the better holdout mAP, ``("ema" | "model", mAP)``: the one place that decides.
+
+    The EMA wins only when strictly better; a NaN mAP (no class with a positive) never wins; both NaN gives
+    ``("model", nan)``.
+    """
+    if ema is not None and not math.isnan(ema.map) and (math.isnan(model.map) or ema.map > model.map):
+        return "ema", ema.map
+    return "model", model.map
+
+
+def _state_on_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``module``'s state dict on the CPU (a copy even when the module is on the CPU)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.cpu() for k, v in state.items()}
 
 
 def _set_sampler_epoch(loader: Iterable, epoch: int) -> None:
@@ -153,7 +175,7 @@ class Engine:
             static = self.grad_accum_steps == 1 and not tc.compile
             self._ddp = train_model = wrap_ddp(self.model, self.device, static_graph=static)
         # after the DDP wrap, which broadcasts rank 0's weights: every rank's EMA starts equal
-        self.ema = ModelEma(self.model, tc.ema_decay) if tc.ema_decay is not None else None
+        self.ema = build_ema(self.model, tc.ema_decay) if tc.ema_decay is not None else None
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = build_scheduler(
             self.optimizer, cfg.optim, tc.epochs, steps_per_epoch, self.grad_accum_steps
@@ -172,6 +194,8 @@ class Engine:
         self.best_map = -math.inf
         self.best_epoch = -1
         self.epochs_without_improvement = 0
+        # {"model": state dict on CPU, "source": "ema" | "model", "epoch": 1-based, "holdout_map": float}
+        self.best_weights: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- batches
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
@@ -194,7 +218,7 @@ class Engine:
         with no_sync:
             with self.precision.autocast():
                 logits = self._train_model(x)
-            loss = self.loss_fn(logits.float(), y)  # fp32 loss on the logits (DESIGN §3)
+            loss = self.loss_fn(logits.float(), y)  # fp32 loss on the logits (docs/design.md §3)
             if loss.ndim != 0:
                 raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
             scaled = loss * scale
@@ -229,9 +253,10 @@ class Engine:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
         self.global_step += 1
+        if self.ema is not None:
+            # the warm-up position is the number of optimizer steps: global_step owns it (timm keeps none)
+            self.ema.update(self.model, step=self.global_step)
         return lr
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
@@ -377,17 +402,39 @@ class Engine:
         for epoch in range(start_epoch, self.cfg.train.epochs):
             stats = self.train_one_epoch(train_loader, epoch)
             holdout, holdout_ema = self.evaluate(holdout_loader)
-            current = _best_of(holdout, holdout_ema)
+            source, current = better_source(holdout, holdout_ema)
             best = not math.isnan(current) and current > self.best_map
             if best:
                 self.best_map, self.best_epoch, self.epochs_without_improvement = current, epoch, 0
             else:
                 self.epochs_without_improvement += 1
+            if best or self.best_weights is None:
+                # also the first epoch when its mAP is NaN: there are always weights to test after one epoch
+                self._keep_best(source, epoch, current)
             self.epoch = epoch + 1
             stop = patience is not None and self.epochs_without_improvement >= patience
             yield EpochResult(epoch, stats, holdout, holdout_ema, best, stop, self.best_map)
             if stop:
                 return
+
+    def _keep_best(self, source: str, epoch: int, holdout_map: float) -> None:
+        module = self.ema.module if source == "ema" else self.model
+        self.best_weights = {
+            "model": _state_on_cpu(module),
+            "source": source,
+            "epoch": epoch + 1,
+            "holdout_map": float(holdout_map),
+        }
+
+    def load_best_weights(self) -> dict[str, Any] | None:
+        """Load the best epoch's weights (model or EMA) into ``self.model``, e.g. for the test evaluation.
+
+        Returns ``best_weights`` (whose ``source``, ``epoch`` and ``holdout_map`` describe them), or None
+        with the model unchanged when no epoch has finished.
+        """
+        if self.best_weights is not None:
+            self.model.load_state_dict(self.best_weights["model"])
+        return self.best_weights
 
     # ---------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:
@@ -398,7 +445,8 @@ class Engine:
         return {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            # the EMA's warm-up position is global_step
+            "ema": {"module": self.ema.module.state_dict()} if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -407,6 +455,7 @@ class Engine:
             "best_map": self.best_map,
             "best_epoch": self.best_epoch,
             "epochs_without_improvement": self.epochs_without_improvement,
+            "best_weights": self.best_weights,
             "rng": rng_state(self.device),
             "mix_generator": self._mix_generator.get_state(),
             "rank": self.rank,
@@ -437,7 +486,7 @@ class Engine:
             )
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+            self.ema.module.load_state_dict(state["ema"]["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
@@ -447,6 +496,8 @@ class Engine:
         self.best_map = float(state["best_map"])
         self.best_epoch = int(state["best_epoch"])
         self.epochs_without_improvement = int(state["epochs_without_improvement"])
+        best = state.get("best_weights")  # absent in checkpoints written before the Engine kept them
+        self.best_weights = None if best is None else {**best, "model": _cpu(best["model"])}
         if state["rank"] == self.rank:
             set_rng_state(state["rng"], self.device)
             self._mix_generator.set_state(state["mix_generator"])

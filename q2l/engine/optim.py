@@ -70,7 +70,8 @@ def build_scheduler(
     """OneCycleLR(max_lr=optim.lr, pct_start) over ``epochs`` × optimizer steps per epoch.
 
     ``steps_per_epoch`` is this rank's batch count (len of its loader): under DDP each rank sees 1/world of
-    the data, so the global count would stretch the schedule world-size times (the seed's bug, DESIGN §6).
+    the data, so the global count would stretch the schedule world-size times (the seed's bug; docs/design.md
+    §6).
     """
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch = {steps_per_epoch} must be >= 1 (is the training loader empty?)")

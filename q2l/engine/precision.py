@@ -2,7 +2,7 @@
 
 ``auto`` picks bf16 on CUDA (fp16 on GPUs without bf16) and bf16 on CPUs that compute it natively (AVX-512
 BF16 / AMX, detected by oneDNN and confirmed by a tiny autocast matmul), else fp32. The loss is always
-computed in fp32 on the logits by the engine (DESIGN §3), so only the model runs in reduced precision.
+computed in fp32 on the logits by the engine (docs/design.md §3), so only the model runs in reduced precision.
 """
 
 from __future__ import annotations

