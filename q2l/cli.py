@@ -123,11 +123,12 @@ def tune(
     """Sweep with Ray Tune (Optuna TPE + ASHA); each trial is a Ray Train run; the best becomes challenger."""
     cfg = _config(config, set)
     from q2l.sweep.runner import run_sweep
+    from q2l.sweep.state_integrity import SweepStateError
     from q2l.tracking import TrackingUnavailableError
 
     try:
         run_sweep(cfg, resume=resume)
-    except (ConfigError, TrackingUnavailableError) as e:
+    except (ConfigError, TrackingUnavailableError, SweepStateError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:

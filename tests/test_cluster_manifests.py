@@ -492,3 +492,24 @@ def test_up_says_what_is_missing_and_starts_nothing(tmp_path):
     assert out.returncode == 1
     assert "PostgreSQL server binaries not found" in out.stderr and "apt-get install postgresql" in out.stderr
     assert not (tmp_path / "stack" / "pids").exists()
+
+
+def test_local_s3_server_names_a_bad_role_or_policy(tmp_path):
+    import sys
+
+    server = CLUSTER / "local" / "s3_server.py"
+    not_s3 = tmp_path / "not-s3.json"
+    not_s3.write_text('{"Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]}')
+    for role, needle in (
+        (f"ray={tmp_path / 'missing.json'}", "missing.json"),
+        (f"ray={not_s3}", "Resource '*'"),
+        ("Ray=x.json", "ROLE=POLICY.json"),
+    ):
+        out = subprocess.run(
+            [sys.executable, str(server), "--port", "1", "--secrets", str(tmp_path), role],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode != 0 and needle in out.stderr, (role, out.stderr[-500:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-s3.json"], "nothing may be written"

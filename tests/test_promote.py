@@ -24,9 +24,8 @@ from q2l.packaging import Predictor, log_model, model_spec
 from q2l.registry.evaluate import evaluate, label_order
 from q2l.registry.predict import run_predict
 from q2l.registry.promote import CHAMPION, PREVIOUS, TAG, gate, run_promote
+from q2l.registry.writes import PENDING_TAG
 from q2l.tracking import tracking_uri
-
-pytestmark = pytest.mark.slow
 
 LABELS = ["apple", "bike", "cat", "dog"]  # the models' output order
 CATEGORIES = [(10, "apple"), (8, "bike"), (3, "cat"), (1, "dog")]  # the data's order is by id: dog, cat, ...
@@ -90,10 +89,9 @@ def world(tmp_path_factory):
 
 
 def client(cfg: Config):
-    from mlflow import MlflowClient
+    from q2l import tracking
 
-    uri = tracking_uri(cfg)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return tracking.client(cfg)
 
 
 def register(cfg: Config, name: str, uri: str) -> str:
@@ -115,12 +113,20 @@ def promotion_runs(cfg: Config) -> list:
     return [] if exp is None else c.search_runs([exp.experiment_id])
 
 
-def run(cfg: Config, model: str, **kwargs) -> tuple[int, str, str]:
-    out, err = [], []
-    code = run_promote(cfg, model, echo=out.append, error=err.append, **kwargs)
-    return code, "\n".join(out), "\n".join(err)
+@pytest.fixture
+def run(capsys):
+    """``run(cfg, model, **kwargs)``: ``run_promote``'s exit code, its progress lines (stdout), its errors."""
+
+    def call(cfg: Config, model: str, **kwargs) -> tuple[int, str, str]:
+        capsys.readouterr()
+        err: list[str] = []
+        code = run_promote(cfg, model, error=err.append, **kwargs)
+        return code, capsys.readouterr().out, "\n".join(err)
+
+    return call
 
 
+@pytest.mark.slow
 def test_evaluation_uses_training_preprocessing_and_data_label_order(world):
     cfg, uris = world
     from q2l.packaging import load_predictor
@@ -131,7 +137,8 @@ def test_evaluation_uses_training_preprocessing_and_data_label_order(world):
     assert label_order(["a", "b", "c"], ["c", "a", "b"], "m", "d").tolist() == [2, 0, 1]
 
 
-def test_floor_then_better_promoted_worse_refused(world, tmp_path):
+@pytest.mark.slow
+def test_floor_then_better_promoted_worse_refused(world, tmp_path, run):
     cfg, uris = world
     name = "story"
     v1 = register(cfg, name, uris["random1"])
@@ -197,7 +204,8 @@ def test_floor_then_better_promoted_worse_refused(world, tmp_path):
     assert set(json.loads(out_buf.getvalue())["predictions"][0]["probabilities"]) == set(LABELS)
 
 
-def test_rollback_walks_back_through_promotions(world):
+@pytest.mark.slow
+def test_rollback_walks_back_through_promotions(world, run):
     cfg, uris = world
     name = "rollback"
     versions = [register(cfg, name, uris[k]) for k in ("random1", "teacher", "teacher_copy")]
@@ -215,7 +223,8 @@ def test_rollback_walks_back_through_promotions(world):
     assert aliases(cfg, name) == {CHAMPION: versions[0]}
 
 
-def test_label_set_mismatch_is_refused_and_changes_nothing(world):
+@pytest.mark.slow
+def test_label_set_mismatch_is_refused_and_changes_nothing(world, run):
     cfg, uris = world
     name = "mismatch"
     v1 = register(cfg, name, uris["teacher"])
@@ -233,7 +242,8 @@ def test_label_set_mismatch_is_refused_and_changes_nothing(world):
     assert aliases(cfg, "mismatch-data") == {}
 
 
-def test_usage_errors_exit_2(world, tmp_path):
+@pytest.mark.slow
+def test_usage_errors_exit_2(world, tmp_path, run):
     cfg, uris = world
     name = "usage"
     v1 = register(cfg, name, uris["teacher"])
@@ -273,3 +283,85 @@ def test_gate_rules():
     assert checks["floor"].passed and checks["delta"].passed and not checks["class_drop"].passed
     assert "(a)" in checks["class_drop"].detail
     assert [c.name for c in gate(cand, None, PromoteConfig(min_map=101 - 1), names)] == ["floor"]
+
+
+class Killed(Exception):
+    """Stands for the process dying between two registry writes."""
+
+
+def fail_after_first_alias_write(monkeypatch) -> list:
+    """Make the MLflow client's alias writes (set, delete) raise ``Killed`` once one has gone through."""
+    from mlflow import MlflowClient
+
+    real_set = MlflowClient.set_registered_model_alias
+    real_delete = MlflowClient.delete_registered_model_alias
+    done: list = []
+
+    def set_alias(self, name, alias, version):
+        if done:
+            raise Killed(f"killed before moving @{alias}")
+        real_set(self, name, alias, version)
+        done.append((alias, str(version)))
+
+    def delete_alias(self, name, alias):
+        if done:
+            raise Killed(f"killed before deleting @{alias}")
+        real_delete(self, name, alias)
+        done.append((alias, None))
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", set_alias)
+    monkeypatch.setattr(MlflowClient, "delete_registered_model_alias", delete_alias)
+    return done
+
+
+@pytest.mark.slow
+def test_interrupted_promotion_is_completed_by_the_next_command(world, run, monkeypatch):
+    cfg, uris = world
+    name = "interrupted"
+    v1, v2 = register(cfg, name, uris["random1"]), register(cfg, name, uris["teacher"])
+    assert run(cfg, name, candidate=v1)[0] == 0
+    c = client(cfg)
+
+    with monkeypatch.context() as m:
+        written = fail_after_first_alias_write(m)
+        with pytest.raises(Killed):
+            run(cfg, name, candidate=v2)
+    # previous-champion moved first; the champion is still served, the record of the writes is there
+    assert written == [(PREVIOUS, v1)]
+    assert aliases(cfg, name) == {CHAMPION: v1, PREVIOUS: v1}
+    assert PENDING_TAG in c.get_registered_model(name).tags
+    assert c.get_model_version(name, v2).tags[TAG + "replaced"] == v1
+
+    # a dry run reports it and changes nothing; the same command again completes it
+    code, out, _ = run(cfg, name, candidate=v2, dry_run=True)
+    assert code == 0 and "interrupted promotion or rollback" in out
+    assert aliases(cfg, name) == {CHAMPION: v1, PREVIOUS: v1}
+    code, out, _ = run(cfg, name, candidate=v2)
+    assert code == 0 and "completing the interrupted promotion" in out and "already @champion" in out
+    assert aliases(cfg, name) == {CHAMPION: v2, PREVIOUS: v1}
+    assert PENDING_TAG not in c.get_registered_model(name).tags
+    assert c.get_model_version(name, v2).description.count("promoted to champion") == 1
+    assert "q2l.demoted" in c.get_model_version(name, v1).tags
+
+    # an interrupted rollback: @champion moved back, previous-champion not yet removed
+    with monkeypatch.context() as m:
+        written = fail_after_first_alias_write(m)
+        with pytest.raises(Killed):
+            run(cfg, name, rollback_=True)
+    assert written == [(CHAMPION, v1)] and aliases(cfg, name) == {CHAMPION: v1, PREVIOUS: v1}
+    code, out, _ = run(cfg, name, rollback_=True)
+    assert code == 0 and "completing the interrupted rollback" in out
+    # completed, not rolled back a second time
+    assert aliases(cfg, name) == {CHAMPION: v1}
+    assert PENDING_TAG not in c.get_registered_model(name).tags
+    assert "q2l.rolled_back" in c.get_model_version(name, v2).tags
+
+
+@pytest.mark.slow
+def test_evaluation_images_over_the_pixel_budget_stop_promotion(world, run):
+    cfg, uris = world
+    name = "budget"
+    v1 = register(cfg, name, uris["teacher"])
+    code, _, err = run(cfg.replace({"data.max_image_pixels": 1000}), name, candidate=v1)
+    assert code == 2 and "exceeds the limit of 1000 (data.max_image_pixels)" in err
+    assert aliases(cfg, name) == {}

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import write_jpeg
-from model_fixtures import tiny_model
+from data_fixtures import write_bomb_png, write_jpeg
+from model_fixtures import reference_probs, tiny_model
 
 from q2l.config import config_from_dict
-from q2l.packaging import load_predictor, log_model
+from q2l.packaging import MAX_IMAGES_PER_REQUEST, log_model
 
 pytestmark = pytest.mark.slow
 
@@ -51,38 +51,39 @@ def post(url: str, payload: dict, timeout: float = 60) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
-@pytest.fixture
-def registered(tmp_path):
-    """A tiny model registered as ``served`` with alias ``champion``; returns the tracking URI."""
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A tiny model registered as ``served`` with alias ``champion``: (tracking URI, the torch model)."""
     import mlflow
 
-    from q2l.tracking import ensure_experiment, tracking_uri
+    from q2l import tracking
 
     torch.set_num_threads(1)
-    cfg = config_from_dict({"mlflow": {"results_dir": str(tmp_path / "results")}})
-    uri = tracking_uri(cfg)
+    cfg = config_from_dict({"mlflow": {"results_dir": str(tmp_path_factory.mktemp("results"))}})
+    uri = tracking.tracking_uri(cfg)
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)  # log_model logs into the active (fluent) run
     mlflow.set_registry_uri(uri)
     try:
         model = tiny_model(0, len(LABELS))
-        with mlflow.start_run(experiment_id=ensure_experiment(cfg)):
+        with mlflow.start_run(experiment_id=tracking.ensure_experiment(cfg)):
             info = log_model(model, label_names=LABELS, image_size=SIZE, registered_model_name="served")
-        mlflow.MlflowClient().set_registered_model_alias("served", "champion", info.registered_model_version)
+        tracking.client(cfg).set_registered_model_alias("served", "champion", info.registered_model_version)
     finally:
         mlflow.set_tracking_uri(previous[0])
         mlflow.set_registry_uri(previous[1])
-    return uri
+    return uri, model
 
 
-@pytest.fixture
-def server(registered, tmp_path):
+@pytest.fixture(scope="module")
+def server(registered, tmp_path_factory):
     """``mlflow models serve`` of ``models:/served@champion``; yields its base URL."""
+    tmp_path = tmp_path_factory.mktemp("serve")
     port = free_port()
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": registered,
-        "MLFLOW_REGISTRY_URI": registered,
+        "MLFLOW_TRACKING_URI": registered[0],
+        "MLFLOW_REGISTRY_URI": registered[0],
         # MLflow execs `uvicorn` by name: the environment's bin folder must be on PATH (an activated venv)
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
@@ -124,39 +125,47 @@ def server(registered, tmp_path):
         log.close()
 
 
-def test_served_champion_answers_base64_and_paths(server, registered, tmp_path):
-    import mlflow
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
 
+
+def invocations(server: str, rows: list) -> tuple[int, dict]:
+    return post(f"{server}/invocations", {"dataframe_split": {"columns": ["image"], "data": rows}})
+
+
+def test_served_champion_answers_base64_and_paths(server, registered, tmp_path):
+    _, model = registered
     images = [write_jpeg(tmp_path / f"img{k}.jpg", seed=k, h=40 + 10 * k, w=60) for k in range(3)]
-    rows = [
-        [base64.b64encode(images[0].read_bytes()).decode()],
-        [str(images[1])],
-        [base64.b64encode(images[2].read_bytes()).decode()],
-    ]
-    status, body = post(f"{server}/invocations", {"dataframe_split": {"columns": ["image"], "data": rows}})
+    rows = [[b64(images[0])], [str(images[1])], [b64(images[2])]]
+    status, body = invocations(server, rows)
     assert status == 200, body
     predictions = body["predictions"]
     assert len(predictions) == 3 and all(list(p) == LABELS for p in predictions)
     got = np.array([[p[n] for n in LABELS] for p in predictions])
-
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(registered)
-    mlflow.set_registry_uri(registered)
-    try:
-        expected, failures = load_predictor("models:/served@champion", device="cpu").predict_paths(images)
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
-    assert not failures
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(got, reference_probs(model, images, SIZE), atol=1e-5)
     assert ((got > 0) & (got < 1)).all()
 
-    # an unreadable row fails the request with a message that names it; the server keeps serving
-    bad = {"dataframe_split": {"columns": ["image"], "data": [[str(images[0])], ["bm90IGFuIGltYWdl"]]}}
-    status, body = post(f"{server}/invocations", bad)
-    assert 400 <= status < 600 and "row 1" in json.dumps(body)
-    status, body = post(
-        f"{server}/invocations", {"dataframe_split": {"columns": ["image"], "data": rows[:1]}}
-    )
+    # an unreadable row fails the request with 400 and a message that names it; the server keeps serving
+    status, body = invocations(server, [[str(images[0])], ["bm90IGFuIGltYWdl"]])
+    assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert "input row 1: not an existing file; as base64 image bytes: not a readable image" in body["message"]
+    status, body = invocations(server, rows[:1])
     assert status == 200 and len(body["predictions"]) == 1
-    assert Path(images[1]).is_file()
+
+
+def test_oversized_requests_get_400_and_the_server_stays_up(server, tmp_path):
+    """A 16000 x 16000 PNG (~275 kB of base64) and too many rows: refused before decoding, 400, named."""
+    bomb = write_bomb_png(tmp_path / "bomb.png")
+    small = write_jpeg(tmp_path / "small.jpg", seed=4)
+    status, body = invocations(server, [[b64(small)], [b64(bomb)]])
+    assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
+    limit = "16000 x 16000 = 256000000 pixels exceeds the limit of 40000000 (data.max_image_pixels)"
+    assert f"input row 1: not an existing file; as base64 image bytes: image of {limit}" in body["message"]
+
+    status, body = invocations(server, [[b64(small)]] * (MAX_IMAGES_PER_REQUEST + 1))
+    assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
+    too_many = f"request refused: {MAX_IMAGES_PER_REQUEST + 1} images in one request; at most"
+    assert too_many in body["message"]
+
+    status, body = invocations(server, [[b64(small)]] * MAX_IMAGES_PER_REQUEST)
+    assert status == 200 and len(body["predictions"]) == MAX_IMAGES_PER_REQUEST

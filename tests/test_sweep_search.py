@@ -174,10 +174,13 @@ def _scripted_trial(config: dict, *, counter: str) -> None:
 
 @pytest.mark.slow
 def test_searcher_tells_optuna_complete_fail_and_pruned_for_asha_stops(ray_local, tmp_path):
-    from ray import tune
+    import sys
+
+    from ray import cloudpickle, tune
 
     from q2l.sweep.search import scheduler, searcher
 
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
     cfg = config(tmp_path, searcher="optuna", num_samples=4, grace_period=1).replace({"train.epochs": 4})
     counter = tmp_path / "counter"
     counter.write_text("0")

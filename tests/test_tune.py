@@ -9,6 +9,7 @@ to such a head. A head is stopped by its pid.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -17,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -276,7 +276,8 @@ def test_sweep_driver_killed_mid_sweep_is_finished_by_resume(mlflow_tmp_config, 
 
         wait_for(first_epoch_reported, "the first trial's first epoch", poll=0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and whatever of its local Ray is left
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and whatever of its local Ray is left
         proc.wait(timeout=HANG_GUARD_S)
     wait_for(lambda: not group_alive(proc.pid), "the killed sweep's processes to exit")
 
@@ -340,7 +341,7 @@ HEAD_CPUS = 2  # the CPUs a head started here offers, whatever the machine has
 RAY_BIN = Path(sys.executable).parent / "ray"
 
 
-@contextmanager
+@contextlib.contextmanager
 def ray_head(cpus: int, **extra_env: str) -> Iterator[tuple[dict[str, str], str]]:
     """A Ray head started here (``ray start --head --block``, ``cpus`` CPUs, dashboard, all on loopback).
 

@@ -314,15 +314,15 @@ def test_optuna_plots_are_written(tmp_path):
     assert notes == []
 
 
-@pytest.mark.slow  # an MLflow SQLite store takes seconds to create
-def test_child_runs_are_finished_tagged_and_created_for_early_failures(tmp_path):
-    """The sweep's bookkeeping on a real (SQLite) MLflow store, without Ray."""
+def test_child_runs_are_finished_tagged_and_created_for_early_failures(tmp_path, mlflow_store):
+    """The sweep's bookkeeping on a real (SQLite) MLflow store (a copy of a migrated one), without Ray."""
     from mlflow import MlflowClient
 
     from q2l.sweep.record import finish_child_runs
     from q2l.tracking import ensure_experiment, tracking_uri
 
-    cfg = Config().replace({"mlflow.results_dir": str(tmp_path), "mlflow.experiment": "t"})
+    cfg = Config().replace({"mlflow.results_dir": str(tmp_path / "results"), "mlflow.experiment": "t"})
+    assert tracking_uri(cfg) == mlflow_store
     client = MlflowClient(tracking_uri(cfg))
     exp = ensure_experiment(cfg)
     parent = client.create_run(exp, run_name="sweep").info.run_id

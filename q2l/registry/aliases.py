@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import os
-
 from q2l.config import Config
 
 CHAMPION = "champion"
@@ -24,13 +22,10 @@ class RegistryUsageError(Exception):
 
 
 def open_registry(cfg: Config):
-    """The MLflow client of ``cfg``'s store; ``RegistryUsageError`` if there is no such store."""
+    """The MLflow client of ``cfg``'s store; ``TrackingUnavailableError`` if there is no such store."""
     from q2l import tracking
 
-    uri = tracking.tracking_uri(cfg)
-    if uri.startswith("sqlite:///") and not os.path.isfile(uri.removeprefix("sqlite:///")):
-        raise RegistryUsageError(f"no MLflow store at {uri} (mlflow.tracking_uri / mlflow.results_dir)")
-    return tracking.client(cfg)
+    return tracking.client(cfg, must_exist=True)
 
 
 def require_model(client, name: str) -> None:

@@ -375,7 +375,10 @@ def rollback(cfg: Config, model: str) -> RollbackResult:
     """Move ``champion`` back to ``previous-champion`` and step ``previous-champion`` one promotion back."""
     client = open_registry(cfg)
     require_model(client, model)
-    complete_pending(client, model)
+    done = complete_pending(client, model)
+    if done is not None and done.action == "rollback":  # this command's interrupted run: now complete
+        moved = dict(done.aliases)
+        return RollbackResult(model, next(iter(done.version_tags)), moved[CHAMPION], moved[PREVIOUS])
     champ = alias_version(client, model, CHAMPION)
     prev = alias_version(client, model, PREVIOUS)
     if champ is None:
@@ -413,7 +416,7 @@ def run_promote(
     ``error``.
 
     0: promoted, would be promoted (dry run), already champion, or rolled back; 1: refused (gate or label
-    mismatch); 2: usage error (unknown model/version/alias, no evaluation data, bad flag combination).
+    mismatch); 2: usage error (unknown model/version/alias, no or unreadable evaluation data, bad flags).
     """
     from q2l.tracking import TrackingUnavailableError
 
@@ -426,7 +429,7 @@ def run_promote(
         ref = candidate or f"@{CHALLENGER}"
         # a progress bar per evaluation when a person watches (stderr is a terminal)
         return promote(cfg, model, ref, dry_run=dry_run, progress=sys.stderr.isatty()).exit_code
-    except (RegistryUsageError, TrackingUnavailableError) as e:
+    except (RegistryUsageError, EvaluationDataError, TrackingUnavailableError) as e:
         error(f"error: {e}")
         return 2
     except LabelMismatchError as e:

@@ -53,6 +53,8 @@ class MultiFidelityOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials:
             return
         result = result or {}
+        # the result that made the scheduler stop the trial reaches the searcher only here
+        self.on_trial_result(trial_id, result)
         value = result.get(self.metric)
         finite = isinstance(value, (int, float)) and math.isfinite(value)
         if error or (FINAL_METRIC in result and not finite):

@@ -29,6 +29,7 @@ from q2l.sweep.resources import ResourcePlan, plan_resources
 from q2l.sweep.results import trial_rows, unfinished
 from q2l.sweep.search import scheduler, searcher, settings
 from q2l.sweep.space import SearchSpace, parse_space
+from q2l.sweep.state_integrity import Manifest, StateRecorder, SweepStateError, verify_state
 from q2l.sweep.storage import (
     STATE_FILE,
     check_job_paths,
@@ -68,6 +69,7 @@ class _Sweep:
     started: float
     state: dict[str, Any] | None = None
     plan: ResourcePlan | None = None
+    manifest: Manifest | None = None  # the verified digests of the Tune state (state_integrity.py)
 
     @property
     def parent(self) -> str:
@@ -125,6 +127,8 @@ def _prepare(cfg: Config, resume: bool) -> _Sweep:
     if resume:
         sweep.state = read_state(path)
         _check_same_config(sweep)
+        # before Ray starts: nothing from the sweep folder is unpickled unless its digests match
+        sweep.manifest = verify_state(cfg, name, path, sweep.state.get("parent_run_id"))
     return sweep
 
 
@@ -184,6 +188,8 @@ def _tuner(sweep: _Sweep):
         resources=plan.driver,
     )
     if sweep.resume:
+        # again just before Tune reads the files: they may have changed since _prepare
+        verify_state(cfg, sweep.name, sweep.path, sweep.parent)
         return tune.Tuner.restore(
             sweep.path,
             trainable=trainable,
@@ -212,10 +218,14 @@ def _tuner(sweep: _Sweep):
 
 
 def _fit(sweep: _Sweep):
-    """Run the trials; on any interruption save the wall time and mark the parent run KILLED or FAILED."""
+    """Run the trials, recording the digests of Tune's state as it saves it; on any interruption save the wall
+    time and mark the parent run KILLED or FAILED."""
+    recorder = StateRecorder(sweep.cfg, sweep.parent, sweep.manifest or Manifest(sweep.name, sweep.path))
     try:
         tuner = _tuner(sweep)
-        with _sigterm_as_sigint():
+        if not sweep.resume:
+            recorder.add_tuner_file()
+        with recorder, _sigterm_as_sigint():
             grid = tuner.fit()
     except BaseException as e:
         sweep.add_wall_time()
@@ -223,7 +233,17 @@ def _fit(sweep: _Sweep):
         sweep_record.set_parent_status(sweep.cfg, sweep.parent, status)
         raise
     sweep.add_wall_time()
+    _check_unchanged(sweep)
     return grid
+
+
+def _check_unchanged(sweep: _Sweep) -> None:
+    """The state in storage is what the driver saved (the results are read from it next)."""
+    try:
+        verify_state(sweep.cfg, sweep.name, sweep.path, sweep.parent)
+    except SweepStateError as e:
+        sweep_record.set_parent_status(sweep.cfg, sweep.parent, "FAILED")
+        raise SweepStateError(f"the sweep state changed in storage while the sweep ran: {e}") from None
 
 
 def _record(sweep: _Sweep, rows: list[sweep_record.TrialRow]) -> sweep_record.SweepSummary:

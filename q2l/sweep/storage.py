@@ -1,7 +1,8 @@
 """Where a sweep keeps its state: ``<ray.storage_path>/<sweep name>/`` (local folder or URI).
 
 It holds Tune's state, ``q2l_sweep.json`` (the MLflow parent run id, the resolved base config, the wall time)
-and ``trials/trial-<id>/`` (each trial's Ray Train checkpoints).
+and ``trials/trial-<id>/`` (each trial's Ray Train checkpoints). Anyone who can write Ray storage can write
+here: ``state_integrity.py`` checks Tune's pickles against digests kept in MLflow before ``--resume``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def storage_root(cfg: Config) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _fs(uri: str):
+def filesystem(uri: str):
+    """(pyarrow filesystem, path in it) of a local path or URI."""
     import pyarrow.fs
 
     return pyarrow.fs.FileSystem.from_uri(uri)
@@ -43,7 +45,7 @@ def read_state(sweep_path: str) -> dict[str, Any] | None:
     """The sweep's ``q2l_sweep.json`` (None when there is none)."""
     import pyarrow.fs
 
-    fs, path = _fs(join(sweep_path, STATE_FILE))
+    fs, path = filesystem(join(sweep_path, STATE_FILE))
     if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(path) as f:
@@ -52,7 +54,7 @@ def read_state(sweep_path: str) -> dict[str, Any] | None:
 
 def write_state(sweep_path: str, state: dict[str, Any]) -> None:
     """Write ``q2l_sweep.json`` into the sweep folder."""
-    fs, path = _fs(join(sweep_path, STATE_FILE))
+    fs, path = filesystem(join(sweep_path, STATE_FILE))
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(json.dumps(state, indent=2).encode())
@@ -66,7 +68,7 @@ def _latest_sweep(root: str, prefix: str) -> str | None:
     """The newest sweep folder under ``root`` whose name starts with ``prefix`` and that has a state file."""
     import pyarrow.fs
 
-    fs, path = _fs(root)
+    fs, path = filesystem(root)
     try:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
     except OSError:
