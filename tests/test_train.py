@@ -200,13 +200,16 @@ def test_rerunning_the_command_resumes_the_same_run(ray_local, mlflow_tmp_config
     for key in ("train_loss", "holdout_map", "lr"):
         assert _steps(client, run.info.run_id, key) == [1, 2, 3, 4], key  # each epoch once
 
+    def logged_models() -> list[str]:
+        where = f"source_run_id = '{run.info.run_id}'"
+        return sorted(m.model_id for m in client.search_logged_models([run.info.experiment_id], where))
+
+    models = logged_models()
     again = run_training(cfg)  # finished: nothing is trained or logged again
     assert again.run_id == outcome.run_id and again.test_map == pytest.approx(outcome.test_map)
     assert _steps(client, run.info.run_id, "train_loss") == [1, 2, 3, 4]
     assert _steps(client, run.info.run_id, "test_map") == [4]
-    exp_id = run.info.experiment_id
-    models = client.search_logged_models([exp_id], filter_string=f"source_run_id = '{run.info.run_id}'")
-    assert len(models) == 1
+    assert models and logged_models() == models
 
 
 def test_worker_killed_between_checkpoint_write_and_registration_resumes(ray_local, mlflow_tmp_config, capfd):

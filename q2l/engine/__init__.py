@@ -11,9 +11,10 @@ from q2l.engine.distributed import (
     is_main_process,
 )
 from q2l.engine.ema import build_ema
-from q2l.engine.engine import Engine, EpochResult, NonFiniteLossError, Predictions, better_source
+from q2l.engine.engine import Engine
 from q2l.engine.optim import build_optimizer, build_scheduler, no_decay_names, param_groups
 from q2l.engine.precision import PrecisionPolicy, cpu_bf16_supported, resolve_precision
+from q2l.engine.results import EpochResult, NonFiniteLossError, Predictions, better_source
 from q2l.engine.seed import derive_seed, seed_everything
 
 __all__ = [

@@ -26,8 +26,7 @@ def evaluate_best(run: WorkerRun, last_metrics: dict[str, Any]) -> dict[str, Any
     from q2l.metrics import summarize
 
     cfg, engine = run.cfg, run.engine
-    if run.best is not None:
-        engine.model.load_state_dict(run.best["model"])
+    engine.load_best_weights()
     test_loader = build_loader(run.splits.test, cfg.data, cfg.train.batch_size, train=False, **run.loader_kw)
     preds = engine.predict(test_loader)
     summary = summarize(preds.scores, preds.targets)
@@ -56,7 +55,7 @@ def _log_final(run: WorkerRun, preds, summary) -> None:
 
     cfg, engine, recorder, splits = run.cfg, run.engine, run.recorder, run.splits
     step = engine.epoch
-    best = run.best or {"model": engine.model.state_dict(), "source": "model", "epoch": step}
+    best = engine.best_weights or {"model": engine.model.state_dict(), "source": "model", "epoch": step}
     model_id = _packaged_model(run, best["epoch"]) if cfg.mlflow.log_model else None
     with tempfile.TemporaryDirectory(prefix="q2l-eval-") as tmp:
         log_evaluation(

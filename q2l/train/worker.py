@@ -47,7 +47,6 @@ class WorkerRun:
     engine: Any  # q2l.engine.Engine
     folder: Path  # the checkpoint folder rank 0 reports
     meta: dict[str, Any] = field(default_factory=dict)
-    best: dict[str, Any] | None = None
     recorder: Any = None  # rank 0's RunRecorder
     run_id: str | None = None
     monitor: Any = None  # the system-metrics monitor of another node's local rank 0 (rank 0's: recorder)
@@ -189,7 +188,7 @@ def _build(cfg: Config, loop_config: dict[str, Any], workdir: Path) -> WorkerRun
     if restored is not None:
         with restored.as_directory() as d:
             checkpoint.copy_folder(d, folder)
-        engine_state, run.best, run.meta = checkpoint.read_folder(folder)
+        engine_state, _, run.meta = checkpoint.read_folder(folder)  # best weights: in the engine state
         engine.load_state_dict(engine_state)
     return run
 
@@ -271,8 +270,6 @@ def _train_epochs(run: WorkerRun) -> dict[str, Any]:
     walls: list[float] = []
     tick = time.perf_counter()
     for result in engine.fit(run.train_loader, holdout_loader, start_epoch=engine.epoch):
-        if result.best or run.best is None:
-            run.best = _best_weights(engine, result)
         metrics = epoch_report(result, run.run_id)  # collective (throughput summed over ranks)
         model_id = _record_epoch(run, result, metrics) if run.rank == 0 else None
         stored = run.report(metrics)
@@ -284,17 +281,6 @@ def _train_epochs(run: WorkerRun) -> dict[str, Any]:
             log_progress(cfg, result, metrics, walls)
         last_metrics = metrics
     return last_metrics
-
-
-def _best_weights(engine, result) -> dict[str, Any]:
-    use_ema = result.holdout_ema is not None and result.holdout_ema.map > result.holdout.map
-    module = engine.ema.module if use_ema else engine.model
-    return {
-        "model": {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()},
-        "source": "ema" if use_ema else "model",
-        "epoch": result.epoch + 1,
-        "holdout_map": float(result.holdout_map),
-    }
 
 
 def _record_epoch(run: WorkerRun, result, metrics: dict[str, Any]) -> str:
@@ -324,7 +310,9 @@ def _record_epoch(run: WorkerRun, result, metrics: dict[str, Any]) -> str:
         dataset=run.recorder.datasets.get("holdout"),
     )
     s = run.splits
-    best = checkpoint.best_file_content(run.best, s.label_names, run.cfg.data.image_size, run.cfg.to_yaml())
+    best = checkpoint.best_file_content(
+        run.engine.best_weights, s.label_names, run.cfg.data.image_size, run.cfg.to_yaml()
+    )
     meta = {
         "mlflow_run_id": metrics["mlflow_run_id"],
         "epoch": metrics["epoch"],
