@@ -217,10 +217,10 @@ def test_searcher_tells_optuna_complete_fail_and_pruned_for_asha_stops(ray_local
 
 @pytest.mark.slow
 def test_sweep_study_matches_its_trials_and_a_warm_started_sweep_holds_them(mlflow_tmp_config, tmp_path):
-    cfg = mlflow_tmp_config.replace({"ray.num_workers": 1, "train.epochs": 3})
+    cfg = mlflow_tmp_config.replace({"ray.num_workers": 1})
     # rf 4 keeps only trials above the 75th percentile of the earlier ones at epoch 1: most are stopped
     first = sweep_config(cfg, tmp_path, num_samples=3, name="first", reduction_factor=4, grace_period=1)
-    out = subprocess.run(q2l_tune(first), env=cli_env(), capture_output=True, text=True, timeout=540)
+    out = subprocess.run(q2l_tune(first), env=cli_env(), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     assert "Optuna study first in sqlite:///" in out.stdout
 
@@ -240,9 +240,9 @@ def test_sweep_study_matches_its_trials_and_a_warm_started_sweep_holds_them(mlfl
         assert math.isfinite(t.value)
 
     second = sweep_config(
-        cfg, tmp_path, num_samples=2, name="second", reduction_factor=4, grace_period=1, warm_start="first"
+        cfg, tmp_path, num_samples=1, name="second", reduction_factor=4, grace_period=1, warm_start="first"
     )
-    out = subprocess.run(q2l_tune(second), env=cli_env(), capture_output=True, text=True, timeout=540)
+    out = subprocess.run(q2l_tune(second), env=cli_env(), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     assert "warm start: 3 trial(s) from first" in out.stdout
     later = sweep_study.load_study(cfg, "second").trials
@@ -251,4 +251,4 @@ def test_sweep_study_matches_its_trials_and_a_warm_started_sweep_holds_them(mlfl
         (t.params, t.state, t.intermediate_values) for t in study.trials
     ]
     own = [t for t in later if t not in copied]
-    assert len(own) == 2 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in own)
+    assert len(own) == 1 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in own)

@@ -1,7 +1,7 @@
 """Which searcher learns fastest: random vs TPE vs GP, with and without ASHA-style stopping, on a cheap proxy.
 
 The proxy is a real q2l training, run in this process without Ray: the Engine trains a tiny Query2Label
-(timm ``test_efficientnet``, d = 32) on a small demo set at 32 px for a few epochs, and each epoch's
+(timm ``test_resnet``, d = 32) on a small demo set at 32 px for a few epochs, and each epoch's
 held-out mAP is reported to Optuna (``trial.report``). The searchers are the sweep's own samplers
 (``q2l.sweep.study.sampler``) over a q2l search space (``q2l.sweep.space``) driven with Optuna's ask/tell;
 "ASHA" is Optuna's ``SuccessiveHalvingPruner`` with the sweep's rungs (grace 1, reduction factor 2, never at
@@ -37,7 +37,7 @@ SPACE = {
     "model.dropout": {"uniform": [0, 0.5]},
 }
 PROXY = {
-    "model.backbone": "test_efficientnet",
+    "model.backbone": "test_resnet",
     "model.pretrained": False,
     "model.hidden_dim": 32,
     "model.num_heads": 2,
@@ -48,14 +48,16 @@ PROXY = {
     "data.holdout_fraction": 0.34,
     "data.num_workers": 0,
     "data.randaugment": False,
-    "train.batch_size": 32,
+    "data.cutout": 0.0,
+    "train.batch_size": 8,  # more optimizer steps per epoch: the tiny model learns within a few epochs
     "train.ema_decay": None,
     "train.early_stop_patience": None,
     "train.precision": "fp32",
 }
+PROXY_IMAGES = 384  # demo train images; data.holdout_fraction of them are held out
 PROXY_TEXT = (
-    "Query2Label, timm test_efficientnet backbone (random init), d=32, 1+1 layers; demo set at 32 px, "
-    "{train} train / {holdout} held-out images, 10 classes; batch 32, fp32, 1 thread"
+    "Query2Label, timm test_resnet backbone (random init), d=32, 1+1 layers; demo set at 32 px, "
+    "{train} train / {holdout} held-out images, 10 classes; batch 8, fp32, 1 thread"
 )
 
 
@@ -189,15 +191,16 @@ def summarise(runs: dict[str, list[list[TrialLog]]], epochs: int, trials: int) -
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The table for the README."""
     lines = [
-        f"| searcher | ASHA | best held-out mAP after {meta['trials']} trials | epochs spent | trials stopped "
-        f"| best mAP within {rows[0]['budget_epochs']} epochs |",
+        f"| searcher | ASHA | best held-out mAP after {meta['trials']} trials | epochs spent "
+        f"| trials stopped | best mAP within {rows[0]['budget_epochs']} epochs |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         kind, _, mode = r["run"].partition("+")
         lines.append(
-            f"| {LABELS[kind]} | {'yes' if mode == 'asha' else 'no'} | {r['best_map']:.1f} ± {r['best_map_sd']:.1f} "
-            f"| {r['epochs_spent']:.0f} | {r['pruned']:.1f} | {r['best_map_at_budget']:.1f} ± "
+            f"| {LABELS[kind]} | {'yes' if mode == 'asha' else 'no'} "
+            f"| {r['best_map']:.1f} ± {r['best_map_sd']:.1f} | {r['epochs_spent']:.0f} "
+            f"| {r['pruned']:.1f} | {r['best_map_at_budget']:.1f} ± "
             f"{r['best_map_at_budget_sd']:.1f} |"
         )
     lines.append(
@@ -254,7 +257,9 @@ def run(
             for mode in ("", "asha"):
                 name = f"{kind}+{mode}" if mode else kind
                 runs[name] = [search(proxy, kind, seed, bool(mode), trials) for seed in range(seeds)]
-                say(f"{name}: {time.perf_counter() - start:.0f} s, {len(proxy._cache)} configurations trained")
+                say(
+                    f"{name}: {time.perf_counter() - start:.0f} s, {len(proxy._cache)} configurations trained"
+                )
     finally:
         torch.set_num_threads(threads)
     meta = {
@@ -267,3 +272,52 @@ def run(
         "seconds": time.perf_counter() - start,
     }
     return {"meta": meta, "rows": summarise(runs, cfg.train.epochs, trials)}, runs
+
+
+def proxy_config(out: Path, epochs: int) -> Config:
+    """The proxy's config over a small demo set made once under ``out``."""
+    from q2l.data.demo import make_demo_dataset
+
+    root = out / "searcher-proxy-data"
+    if not (root / "annotations").is_dir():
+        make_demo_dataset(root, num_train=PROXY_IMAGES, num_val=16, size=32, seed=0, workers=1)
+    return Config().replace({**PROXY, "data.root": str(root), "train.epochs": epochs, "tune.space": SPACE})
+
+
+def log_to_mlflow(tracking_cfg: Config, result: dict[str, Any], files: list[Path]) -> str:
+    """A run in experiment ``q2l-bench`` with the settings, one metric per searcher and mode, the files."""
+    from mlflow.entities import Metric, Param
+
+    from q2l import tracking
+
+    cfg = tracking_cfg.replace({"mlflow.experiment": "q2l-bench"})
+    client = tracking.client(cfg)
+    run_id = client.create_run(tracking.ensure_experiment(cfg), run_name="searchers").info.run_id
+    meta, now = result["meta"], int(time.time() * 1000)
+    params = [Param(k, str(v)[:500]) for k, v in meta.items() if k != "seconds"]
+    metrics = [Metric("seconds", meta["seconds"], now, 0)]
+    for r in result["rows"]:
+        metrics += [Metric(f"{r['run']}.{k}", float(r[k]), now, 0) for k in ("best_map", "epochs_spent")]
+        metrics.append(Metric(f"{r['run']}.best_map_at_budget", float(r["best_map_at_budget"]), now, 0))
+    client.log_batch(run_id, metrics=metrics, params=params)
+    for f in files:
+        client.log_artifact(run_id, str(f))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def part(args: Any, out: Path) -> dict[str, Any]:
+    """``q2l bench searchers``: run, print the table, write ``searchers.md``/``.png``, log to MLflow."""
+    from q2l.config import resolve_config
+
+    cfg = proxy_config(out, args.searcher_epochs)
+    result, runs = run(cfg, trials=args.searcher_trials, seeds=args.searcher_seeds)
+    table = markdown(result["rows"], result["meta"])
+    print(table)
+    md = out / "searchers.md"
+    md.write_text(table)
+    png = plot(runs, out / "searchers.png")
+    mlflow_sets = [s for s in args.set if s.startswith("mlflow.")]
+    result["mlflow_run_id"] = log_to_mlflow(resolve_config(None, mlflow_sets).config, result, [md, png])
+    print(f"MLflow run {result['mlflow_run_id']} in experiment q2l-bench")
+    return result

@@ -11,6 +11,10 @@
   e     peak training memory per image (``memory_bench``)
   seed  the fast path vs the seed's way of training (``seed_baseline``; on a CPU the seed's fp32 NCHW path):
         step-only and loader-included, with MFU and peak memory; ``gpu.sh`` runs this part on a GPU
+  searchers    random vs TPE vs GP, with and without ASHA-style stopping, on a cheap training proxy
+        (``searcher_bench``): best held-out mAP against trials and epochs spent, PNG + markdown + MLflow
+  sweep_scale  100 scripted trials through the sweep's Tune path (driver overhead per trial) and
+        ``record_sweep`` time at 25/50/100 trials (``sweep_scale_bench``)
 
     python -m experiments.benchmarks.suite a --threads 1         # from the repository root
     q2l bench a c e --backbone resnet18 --image-size 224 --batch-size 16
@@ -34,7 +38,7 @@ import torch
 
 from .common import resolve_device, write_json
 
-PARTS = ("a", "b", "c", "d", "e", "seed")
+PARTS = ("a", "b", "c", "d", "e", "seed", "searchers", "sweep_scale")
 DEFAULT_PARTS = ("a", "b", "c", "d", "e")
 CPU_TARGET = 2.0  # issue 8: default training step ≥ 2× fp32 NCHW on a CPU with native bf16
 SEED_TARGET = 1.5  # issue 8: fast path ≥ 1.5× the seed's way on a GPU
@@ -281,7 +285,21 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, Path], dict]] = {
     "d": part_d,
     "e": part_e,
     "seed": part_seed,
+    "searchers": lambda args, out: _searcher_bench().part(args, out),
+    "sweep_scale": lambda args, out: _sweep_scale_bench().part(args, out),
 }
+
+
+def _searcher_bench():
+    from . import searcher_bench
+
+    return searcher_bench
+
+
+def _sweep_scale_bench():
+    from . import sweep_scale_bench
+
+    return sweep_scale_bench
 
 
 def json_name(part: str, args: argparse.Namespace) -> str:
@@ -295,6 +313,8 @@ def json_name(part: str, args: argparse.Namespace) -> str:
         "d": "ray_overhead",
         "e": f"memory_{model}{ckpt}",
         "seed": f"seed_{model}",
+        "searchers": "searchers",
+        "sweep_scale": "sweep_scale",
     }[part] + ".json"
 
 
@@ -340,6 +360,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--loader-warmup", type=int, default=3)
     g.add_argument("--loader-workers", type=int, default=None, help="default: cores − 1")
     g.add_argument("--budget-s", type=float, default=None, help="skip measurements after this many seconds")
+    g = p.add_argument_group("searchers, sweep_scale")
+    g.add_argument("--searcher-trials", type=int, default=12, help="searchers: trials per search")
+    g.add_argument("--searcher-seeds", type=int, default=3, help="searchers: seeds per searcher and mode")
+    g.add_argument("--searcher-epochs", type=int, default=4, help="searchers: epochs of a completed trial")
+    g.add_argument("--scale-trials", type=int, default=100, help="sweep_scale: scripted trials through Tune")
+    g.add_argument("--scale-concurrent", type=int, default=2, help="sweep_scale: trials at once")
     return p
 
 

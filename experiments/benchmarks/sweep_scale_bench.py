@@ -125,7 +125,9 @@ def _rows_with_runs(cfg: Config, n: int):
         history = [float(10 + i % 17 + e) for e in range(epochs)]
         status = COMPLETED if epochs == EPOCHS else STOPPED
         test = history[-1] - 1 if status == COMPLETED else math.nan
-        rows.append(TrialRow(tid, status, {}, values, max(history), test, epochs, history, 64.0 * epochs, run))
+        rows.append(
+            TrialRow(tid, status, {}, values, max(history), test, epochs, history, 64.0 * epochs, run)
+        )
     return space, parent, rows
 
 
@@ -161,8 +163,8 @@ def markdown(result: dict[str, Any]) -> str:
     """The scale figures as markdown."""
     d, s = result["driver"], result["searcher"]
     lines = [
-        f"{d['trials']} scripted trials through Tune ({d['max_concurrent_trials']} at once, the sweep's searcher "
-        f"on SQLite + ASHA): {d['wall_s']:.0f} s, {d['s_per_trial']:.2f} s per trial "
+        f"{d['trials']} scripted trials through Tune ({d['max_concurrent_trials']} at once, the sweep's "
+        f"searcher on SQLite + ASHA): {d['wall_s']:.0f} s, {d['s_per_trial']:.2f} s per trial "
         f"(searcher alone {1000 * s['s_per_trial']:.0f} ms per trial); study: {d['study_states']}",
         "",
         "| trial rows | record_sweep s | ms per row |",
@@ -170,3 +172,12 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     lines += [f"| {r['rows']} | {r['record_s']:.1f} | {r['ms_per_row']:.0f} |" for r in result["record"]]
     return "\n".join(lines) + "\n"
+
+
+def part(args: Any, out: Path) -> dict[str, Any]:
+    """``q2l bench sweep_scale``: run both measurements, print and write ``sweep_scale.md``."""
+    result = run(trials=args.scale_trials, concurrent=args.scale_concurrent)
+    table = markdown(result)
+    print(table)
+    (out / "sweep_scale.md").write_text(table)
+    return result

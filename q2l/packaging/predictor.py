@@ -16,6 +16,7 @@ from torch import nn
 import q2l
 from q2l.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_rgb
 from q2l.data.transforms import squish_resize
+from q2l.engine.normalize import Uint8Normalizer
 from q2l.models import Query2Label
 from q2l.packaging.inputs import decode_source
 from q2l.packaging.spec import ModelSpec, PackagingError, unwrap
@@ -39,9 +40,7 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.spec = spec
         self.max_pixels = max_pixels
-        # the engine's fused normalisation: (x − 255·mean) / (255·std)
-        self._mean255 = torch.tensor(spec.mean, device=self.device).view(1, -1, 1, 1) * 255
-        self._std255 = torch.tensor(spec.std, device=self.device).view(1, -1, 1, 1) * 255
+        self._normalize = Uint8Normalizer(spec.mean, spec.std, self.device)  # as the engine does
 
     @property
     def label_names(self) -> list[str]:
@@ -59,9 +58,7 @@ class Predictor:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, S, S] → normalised float on the model's device."""
-        if images.dtype != torch.uint8:
-            raise TypeError(f"expected uint8 images, got {images.dtype}")
-        return images.to(self.device).float().sub_(self._mean255).div_(self._std255)
+        return self._normalize(images.to(self.device))
 
     @torch.no_grad()
     def predict_tensors(self, images: torch.Tensor) -> np.ndarray:
