@@ -23,13 +23,14 @@ $(FMNIST):
 	  echo "Fashion-MNIST is missing: install Debian's package 'dataset-fashion-mnist' (sudo apt-get install dataset-fashion-mnist)"; exit 1; \
 	fi
 
-# The production-shaped stack's tests (cluster/local) need PostgreSQL and a few system tools.
-DEBIAN_TOOLS := /usr/lib/postgresql /usr/bin/curl /usr/bin/ss /usr/bin/setsid
+# The production-shaped stack's tests (cluster/local) need PostgreSQL and a few system tools; the MLflow UI
+# test (tests/test_mlflow_ui.py) needs Chromium.
+DEBIAN_TOOLS := /usr/lib/postgresql /usr/bin/curl /usr/bin/ss /usr/bin/setsid /usr/bin/chromium
 $(DEBIAN_TOOLS):
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  (apt-get install -y -qq postgresql curl iproute2 util-linux || (apt-get update -qq && apt-get install -y -qq postgresql curl iproute2 util-linux)) >/dev/null; \
+	  (apt-get install -y -qq postgresql curl iproute2 util-linux chromium || (apt-get update -qq && apt-get install -y -qq postgresql curl iproute2 util-linux chromium)) >/dev/null; \
 	else \
-	  echo "missing $@: install Debian's postgresql curl iproute2 util-linux"; exit 1; \
+	  echo "missing $@: install Debian's postgresql curl iproute2 util-linux chromium"; exit 1; \
 	fi
 
 setup: $(STAMP) $(FMNIST)

@@ -297,8 +297,9 @@ def log_to_mlflow(tracking_cfg: Config, result: dict[str, Any], files: list[Path
     params = [Param(k, str(v)[:500]) for k, v in meta.items() if k != "seconds"]
     metrics = [Metric("seconds", meta["seconds"], now, 0)]
     for r in result["rows"]:
-        metrics += [Metric(f"{r['run']}.{k}", float(r[k]), now, 0) for k in ("best_map", "epochs_spent")]
-        metrics.append(Metric(f"{r['run']}.best_map_at_budget", float(r["best_map_at_budget"]), now, 0))
+        name = r["run"].replace("+", "_")  # MLflow metric names allow no "+"
+        keys = ("best_map", "epochs_spent", "best_map_at_budget")
+        metrics += [Metric(f"{name}.{k}", float(r[k]), now, 0) for k in keys]
     client.log_batch(run_id, metrics=metrics, params=params)
     for f in files:
         client.log_artifact(run_id, str(f))

@@ -210,13 +210,8 @@ class Engine:
         return value
 
     # ---------------------------------------------------------------- epochs
-    def train_one_epoch(self, loader: Iterable, epoch: int) -> dict[str, float]:
-        """Train on every batch of ``loader``; returns the epoch's statistics.
-
-        loss (mean over batches and ranks), lr (of the last step), images (this rank), seconds, images_per_s,
-        steady_images_per_s (without the first 2 steps), skipped_images (bad images the collate dropped),
-        optimizer_steps, and compile_seconds (first step, compilation included) when compiling.
-        """
+    def _begin_epoch(self, loader: Iterable, epoch: int) -> int:
+        """Check the loader's length, seed the epoch, set train mode; returns the number of batches."""
         n = len(loader)
         if n != self.steps_per_epoch:
             raise ValueError(
@@ -227,6 +222,16 @@ class Engine:
         seed_everything(self.cfg.train.seed, self.rank, epoch)
         self._mix_generator.manual_seed(derive_seed(self.cfg.train.seed, self.rank, epoch, 1))
         self._train_model.train()
+        return n
+
+    def train_one_epoch(self, loader: Iterable, epoch: int) -> dict[str, float]:
+        """Train on every batch of ``loader``; returns the epoch's statistics.
+
+        loss (mean over batches and ranks), lr (of the last step), images (this rank), seconds, images_per_s,
+        steady_images_per_s (without the first 2 steps), skipped_images (bad images the collate dropped),
+        optimizer_steps, and compile_seconds (first step, compilation included) when compiling.
+        """
+        n = self._begin_epoch(loader, epoch)
         accum = self.grad_accum_steps
         losses: list[float] = []
         images_seen = steady_images = optimizer_steps = skipped = 0

@@ -47,6 +47,9 @@ def start(run_id: str, tracking_uri: str, node_id: str | None = None):
         node_id=node_id,
         tracking_uri=tracking_uri,
     )
+    # MLflow's log_model links every run metric at its ``step`` (0 for the packaged model) to the model, so
+    # system samples start at step 1: they stay the run's, not the packaged model's
+    monitor._logging_step = max(monitor._logging_step, 1)
     monitor.start()
     return monitor
 
