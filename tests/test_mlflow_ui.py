@@ -62,8 +62,12 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def _train(root: Path, data_root: Path) -> None:
-    """One real ``q2l train`` run (system metrics sampled every second, so a short run has some)."""
+def _train(root: Path, data_root: Path, migrated_db: Path) -> None:
+    """One real ``q2l train`` run (system metrics sampled every second, so a short run has some) into a
+    copy of the session's migrated store (migrating a new one can outlast q2l's reachability check)."""
+    db = root / "results" / "mlflow" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    shutil.copyfile(migrated_db, db)
     raw = tiny_config_dict(
         data_root,
         ray={"num_workers": 1, "cpus_per_worker": 1, "storage_path": str(root / "ray"), "max_failures": 0},
@@ -106,7 +110,7 @@ def _sweep(client, exp_id: str, splits, data_root: Path) -> tuple[str, list[str]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_demo_root):
+def store(tmp_path_factory, tiny_demo_root, migrated_mlflow_db):
     """The training run and the sweep in one SQLite store: ids the pages are addressed by."""
     from mlflow import MlflowClient
 
@@ -115,7 +119,7 @@ def store(tmp_path_factory, tiny_demo_root):
     from q2l.tracking import tracking_uri
 
     root = tmp_path_factory.mktemp("ui")
-    _train(root, tiny_demo_root)
+    _train(root, tiny_demo_root, migrated_mlflow_db)
     cfg = config_from_dict(yaml.safe_load((root / "tiny.yaml").read_text()), "tiny.yaml")
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)

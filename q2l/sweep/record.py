@@ -42,8 +42,15 @@ from q2l.sweep.leaderboard import (
     ranked,
 )
 from q2l.sweep.plots import write_plots
-from q2l.tracking.run_record import _MAX_BATCH, _TAG_MAX_CHARS, ERROR_TAG
-from q2l.tracking.store import ensure_experiment, flat_params, tracking_uri, version_tags
+from q2l.tracking.run_record import ERROR_TAG
+from q2l.tracking.store import (
+    ensure_experiment,
+    flat_params,
+    log_new_params,
+    log_tags,
+    tracking_uri,
+    version_tags,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -89,27 +96,6 @@ def registered_model_name(cfg: Config) -> str:
     return f"q2l-{slug}"
 
 
-def _set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
-    from mlflow.entities import RunTag
-
-    items = [RunTag(k, str(v)[:_TAG_MAX_CHARS]) for k, v in tags.items()]
-    for i in range(0, len(items), _MAX_BATCH):
-        client.log_batch(run_id, tags=items[i : i + _MAX_BATCH])
-
-
-def _log_params(
-    client: MlflowClient, run_id: str, params: dict[str, str], existing: dict | None = None
-) -> None:
-    """Log the params the run does not have yet (``existing``: its params, when the caller knows them)."""
-    from mlflow.entities import Param
-
-    if existing is None:
-        existing = client.get_run(run_id).data.params
-    new = [Param(k, v) for k, v in params.items() if k not in existing]
-    for i in range(0, len(new), _MAX_BATCH):
-        client.log_batch(run_id, params=new[i : i + _MAX_BATCH])
-
-
 # ------------------------------------------------------------------------------------------ parent run
 def open_parent_run(
     cfg: Config, space: SearchSpace, *, sweep_name: str, sweep_path: str, settings: dict
@@ -129,7 +115,7 @@ def open_parent_run(
     params = flat_params(cfg)
     params.update({f"sweep.{k}": str(v)[:500] for k, v in settings.items()})
     params.update({f"space.{k}": json.dumps(v)[:500] for k, v in space.describe().items()})
-    _log_params(client, run_id, params, existing={})
+    log_new_params(client, run_id, params, existing={})
     client.log_text(run_id, cfg.to_yaml(), "sweep_config.yaml")
     client.log_text(run_id, yaml.safe_dump(space.describe(), sort_keys=False), "search_space.yaml")
     return run_id
@@ -167,7 +153,7 @@ def _create_child_run(client: MlflowClient, exp_id: str, row: TrialRow, parent_r
     """The run of a trial that failed before the train layer opened one (e.g. an unknown backbone)."""
     tags = {"mlflow.parentRunId": parent_run_id, TRIAL_TAG: row.trial_id, SWEEP_TAG: sweep_name}
     run = client.create_run(exp_id, run_name=f"trial-{row.trial_id}", tags=tags)
-    _log_params(client, run.info.run_id, {k: str(v)[:500] for k, v in row.values.items()}, existing={})
+    log_new_params(client, run.info.run_id, {k: str(v)[:500] for k, v in row.values.items()}, existing={})
     return run
 
 
@@ -198,7 +184,7 @@ def finish_child_runs(cfg: Config, rows: Sequence[TrialRow], parent_run_id: str,
         }
         if row.error:
             tags[ERROR_TAG] = row.error
-        _set_tags(client, row.run_id, tags)
+        log_tags(client, row.run_id, tags)
         status = chosen.info.status  # as searched (a run the train layer still held open reads RUNNING)
         wanted = {FAILED: "FAILED", STOPPED: "FINISHED", COMPLETED: "FINISHED"}[row.status]
         if status != wanted and (status == "RUNNING" or row.status == FAILED):
@@ -384,7 +370,7 @@ def record_sweep(
         tags.update(registered)
     if notes:
         tags["q2l.notes"] = "; ".join(notes)
-    _set_tags(client, parent_run_id, tags)
+    log_tags(client, parent_run_id, tags)
     return SweepSummary(
         format_text(*table),
         pick[0] if pick else None,

@@ -2,7 +2,9 @@
 tracking URI) and what a training run records (``run_record``)."""
 
 from q2l.tracking.store import (
+    MAX_BATCH,
     PARAM_MAX_CHARS,
+    TAG_MAX_CHARS,
     TrackingUnavailableError,
     activate,
     artifact_location,
@@ -11,6 +13,8 @@ from q2l.tracking.store import (
     ensure_experiment,
     flat_params,
     git_commit,
+    log_new_params,
+    log_tags,
     require_store,
     results_dir,
     sqlite_file,
@@ -20,7 +24,9 @@ from q2l.tracking.store import (
 )
 
 __all__ = [
+    "MAX_BATCH",
     "PARAM_MAX_CHARS",
+    "TAG_MAX_CHARS",
     "TrackingUnavailableError",
     "activate",
     "artifact_location",
@@ -29,6 +35,8 @@ __all__ = [
     "ensure_experiment",
     "flat_params",
     "git_commit",
+    "log_new_params",
+    "log_tags",
     "require_store",
     "results_dir",
     "sqlite_file",

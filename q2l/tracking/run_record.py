@@ -3,7 +3,11 @@
 ``RunRecorder`` owns one MLflow run for one Ray Train run: it opens a new run or continues the one whose id
 the checkpoint carries (a restored run keeps one MLflow run), logs each epoch once with ``step=epoch``
 (epochs already logged by an earlier attempt are skipped, so there are no gaps or duplicates), and ends the
-run FINISHED or FAILED with the error. The artifact writers are plain functions (CSV, matplotlib Agg).
+run FINISHED or FAILED with the error. It also logs the data splits as dataset inputs
+(``q2l/tracking/datasets.py``) and runs MLflow's system-metrics monitor while the run is open
+(``q2l/tracking/system_metrics.py``); metrics can be linked to a logged model and a dataset (the epoch
+checkpoints of ``q2l/tracking/checkpoint_models.py``, the packaged model's test metrics). The artifact
+writers are plain functions (CSV, matplotlib Agg).
 """
 
 from __future__ import annotations
@@ -21,15 +25,13 @@ import torch
 from q2l.config import Config
 from q2l.engine import EpochResult
 from q2l.metrics import MetricSummary
-from q2l.tracking.store import flat_params, tracking_uri, version_tags
+from q2l.tracking.store import flat_params, log_new_params, log_tags, tracking_uri, version_tags
 
 # held-out metrics logged per epoch, taken from whichever of model / EMA scored the higher mAP that epoch
 HOLDOUT_KEYS = ("cp", "cr", "cf1", "op", "or", "of1", "cf1_top3", "of1_top3")
 EPOCH_MARKER = "train_loss"  # logged with every epoch in one batch: its history says which epochs are in
 LAUNCH_TAG = "q2l.launch_id"
 ERROR_TAG = "q2l.error"
-_MAX_BATCH = 100  # MLflow's limit of params (and of tags) per log_batch call
-_TAG_MAX_CHARS = 5000
 
 
 def _float_or_nan(x: float | None) -> float:
@@ -228,21 +230,12 @@ class RunRecorder:
         return self.client.get_run(run_id).data.tags
 
     def _log_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, str(v)[:_TAG_MAX_CHARS]) for k, v in tags.items()]
-        for i in range(0, len(items), _MAX_BATCH):
-            self.client.log_batch(run_id, tags=items[i : i + _MAX_BATCH])
+        log_tags(self.client, run_id, tags)
 
     def _log_params(self, run_id: str) -> None:
         """Params once; on a continued run only new keys (MLflow params are immutable), changes as tags."""
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(run_id).data.params
         params = flat_params(self.cfg)
-        new = [Param(k, v) for k, v in params.items() if k not in existing]
-        for i in range(0, len(new), _MAX_BATCH):
-            self.client.log_batch(run_id, params=new[i : i + _MAX_BATCH])
+        existing = log_new_params(self.client, run_id, params)
         changed = {
             f"q2l.changed_param.{k}": v for k, v in params.items() if k in existing and existing[k] != v
         }

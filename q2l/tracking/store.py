@@ -17,12 +17,15 @@ import subprocess
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from q2l.config import Config
 
 PARAM_MAX_CHARS = 500
+TAG_MAX_CHARS = 5000  # what q2l keeps of a tag value (errors, notes); MLflow allows more, a UI shows less
+MAX_BATCH = 100  # MLflow's limit of params (and of tags) per log_batch call
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -216,3 +219,25 @@ def git_commit(path: str | Path | None = None) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def log_tags(mlflow_client, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Set ``tags`` (values as text, at most ``TAG_MAX_CHARS``) on ``run_id`` in as few calls as allowed."""
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, str(v)[:TAG_MAX_CHARS]) for k, v in tags.items()]
+    for i in range(0, len(items), MAX_BATCH):
+        mlflow_client.log_batch(run_id, tags=items[i : i + MAX_BATCH])
+
+
+def log_new_params(
+    mlflow_client, run_id: str, params: Mapping[str, str], existing: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Log the params ``run_id`` does not have yet (MLflow params are immutable); returns those it had."""
+    from mlflow.entities import Param
+
+    existing = dict(mlflow_client.get_run(run_id).data.params if existing is None else existing)
+    new = [Param(k, v) for k, v in params.items() if k not in existing]
+    for i in range(0, len(new), MAX_BATCH):
+        mlflow_client.log_batch(run_id, params=new[i : i + MAX_BATCH])
+    return existing

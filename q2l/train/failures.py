@@ -51,12 +51,11 @@ def is_input_error(error: BaseException) -> bool:
 
 def record_failure(cfg: Config, run_id: str, error: BaseException) -> None:
     """End MLflow run ``run_id`` FAILED with ``error`` (marked as an input error when it is one)."""
-    tags = {ERROR_TAG: f"{type(error).__name__}: {error}"[:5000]}
+    tags = {ERROR_TAG: f"{type(error).__name__}: {error}"}
     if is_input_error(error):
         tags[ERROR_KIND_TAG] = INPUT
     client = tracking.client(cfg)
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    tracking.log_tags(client, run_id, tags)
     client.set_terminated(run_id, "FAILED")
 
 

@@ -1,10 +1,12 @@
 """The Ray Train worker loop: one rank of a training run.
 
 Each of ``ray.num_workers`` workers builds its data shard, the model and the core ``Engine`` (DDP over gloo
-on CPUs, NCCL on GPUs) and iterates ``engine.fit``. Per epoch rank 0 logs to MLflow (``step`` = epoch,
-1-based) and writes a checkpoint folder (``q2l/packaging/checkpoint.py``); every rank calls
-``ray.train.report`` and rank 0 attaches the folder. After the last epoch the best weights are evaluated on
-the test split (``final_evaluation``) and all ranks report ``test_map`` with a final checkpoint.
+on CPUs, NCCL on GPUs) and iterates ``engine.fit``. Rank 0 logs the data splits as MLflow datasets and
+runs the system-metrics monitor; per epoch it writes a checkpoint folder (``q2l/packaging/checkpoint.py``),
+logs it as a logged model of the run and the epoch's metrics (``step`` = epoch, 1-based; the held-out ones
+linked to that model, ``q2l/tracking/checkpoint_models.py``); every rank calls ``ray.train.report`` and rank
+0 attaches the folder. After the last epoch the best weights are evaluated on the test split
+(``final_evaluation``) and all ranks report ``test_map`` with a final checkpoint.
 """
 
 from __future__ import annotations
