@@ -297,7 +297,9 @@ def test_error_line_picks_the_exception_line():
         "Traceback (most recent call last):\n  File x\n    raise ValueError(...)\nValueError: no such model\n"
     )
     assert error_line(text) == "ValueError: no such model"
-    wrapped = "ray::driver()\nq2l.sweep.trial.TrialSetupError: model.backbone: 'nope' is not a timm model name\n\n"
+    wrapped = (
+        "ray::driver()\nq2l.sweep.trial.TrialSetupError: model.backbone: 'nope' is not a timm model name\n\n"
+    )
     assert error_line(wrapped).startswith("q2l.sweep.trial.TrialSetupError: model.backbone: 'nope'")
 
 
@@ -372,12 +374,11 @@ def test_relative_paths_are_refused_inside_a_ray_job_with_a_working_dir(monkeypa
     _check_job_paths(cfg.replace({"data.root": "/abs/data"}))
     with pytest.raises(ConfigError, match="mlflow.results_dir"):
         _check_job_paths(cfg.replace({"data.root": "/abs/data", "mlflow.results_dir": "results"}))
-    # with a tracking server the results folder is not used for MLflow
-    _check_job_paths(
-        cfg.replace(
-            {"data.root": "/abs/data", "mlflow.results_dir": "results", "mlflow.tracking_uri": "http://h"}
-        )
-    )
+    # with a tracking server and a study database elsewhere the results folder is not used
+    server = {"data.root": "/abs/data", "mlflow.results_dir": "results", "mlflow.tracking_uri": "http://h"}
+    with pytest.raises(ConfigError, match="mlflow.results_dir"):  # the Optuna study would go there
+        _check_job_paths(cfg.replace(server))
+    _check_job_paths(cfg.replace({**server, "tune.storage": "postgresql+psycopg2://db/q2l_optuna"}))
 
 
 def test_sweep_paths_keep_a_uri_query_at_the_end():

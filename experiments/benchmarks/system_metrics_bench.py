@@ -6,7 +6,9 @@ times its ``train_step`` in alternating rounds: without a monitor, then with MLf
 least two sampling intervals long, so every "on" round holds samples and logging). Reported per condition:
 the median step time over all its rounds' steps, its ratio to the median without a monitor, and the median
 of the per-round ratios (each "on" round against the "off" round just before it: robust to a machine whose
-load drifts, as a shared one does).
+load drifts, as a shared one does). On a loaded machine those ratios are noise either way, so the monitor's
+own work is timed too: ``sample_cost_ms``, the median time of one full cycle of the monitor thread (sample
+every metric, read the run's status, log the batch), and ``busy_share``, that cost over the interval.
 
     python experiments/benchmarks/system_metrics_bench.py --intervals 10 1 --rounds 3 \\
         --out results/bench/system_metrics.json
@@ -58,6 +60,19 @@ def timed_steps(engine, images, targets, seconds: float) -> list[float]:
     return times
 
 
+def sample_cost_s(monitor, client, run_id: str, cycles: int = 20) -> float:
+    """Median seconds of one monitor cycle, run inline: collect, the run-status read, aggregate, log."""
+    times = []
+    for _ in range(cycles):
+        t = time.perf_counter()
+        monitor.collect_metrics()
+        client.get_run(run_id)
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--intervals", type=float, nargs="+", default=[10.0, 1.0])
@@ -98,6 +113,7 @@ def main() -> None:
     for m in client.get_run(run_id).data.metrics:
         if m == "system/cpu_utilization_percentage":
             samples["logged_samples"] = len(client.get_metric_history(run_id, m))
+    cost = sample_cost_s(SystemMetricsMonitor(run_id, tracking_uri=uri), client, run_id)
     base = statistics.median(steps["off"])
     result = {
         "command": "python experiments/benchmarks/system_metrics_bench.py "
@@ -109,6 +125,8 @@ def main() -> None:
         "round_s": round_s,
         "rounds": args.rounds,
         **samples,
+        "sample_cost_ms": 1000 * cost,
+        "busy_share": {f"{i:g}s": cost / i for i in args.intervals},
         "conditions": {
             k: {
                 "steps": len(v),

@@ -1,5 +1,8 @@
 """The sweep layer: a Ray Tune experiment (Optuna search, ASHA stopping) whose trials are Ray Train runs.
 
-``space``: the search space; ``runner``: the sweep; ``record``: its MLflow parent run, leaderboard and the
-challenger's registration.
+``runner``: the sweep, as named steps; ``space``: the search space; ``search`` and ``optuna_search``: the
+searcher (trials ASHA stops reach Optuna as PRUNED) and the scheduler; ``study``: the persisted Optuna study
+and warm starts; ``resources``: how many trials fit at once; ``storage``: the sweep's state folder, and
+``state_integrity``: its digests in MLflow, checked before ``--resume`` loads anything; ``trial``: one trial;
+``results``: Tune's results as rows; ``record``, ``leaderboard``, ``plots``: the sweep's MLflow record.
 """

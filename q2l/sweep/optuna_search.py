@@ -18,7 +18,8 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from q2l.sweep.record import TRIAL_TAG
-from q2l.sweep.search import FINAL_METRIC, TIME_ATTR
+from q2l.sweep.search import TIME_ATTR
+from q2l.train import FINAL_METRIC
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,9 @@ import math
 from q2l.config import Config, ConfigError
 from q2l.ray_runtime import error_line
 from q2l.sweep.leaderboard import COMPLETED, FAILED, STOPPED, TrialRow
-from q2l.sweep.search import FINAL_METRIC, METRIC, TIME_ATTR
+from q2l.sweep.search import METRIC, TIME_ATTR
 from q2l.sweep.space import SearchSpace
+from q2l.train import FINAL_METRIC
 
 
 def trial_rows(grid, base: Config, space: SearchSpace) -> list[TrialRow]:

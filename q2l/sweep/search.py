@@ -16,7 +16,6 @@ from q2l.sweep.space import SearchSpace
 
 METRIC = "best_holdout_map"  # the best held-out mAP so far: what the logged (best-epoch) model achieves
 TIME_ATTR = "epoch"  # 1-based count of finished epochs, reported every epoch by the train layer
-FINAL_METRIC = "test_map"  # only in a trial's final report: the trial ran to its end (not stopped)
 
 
 def searcher(cfg: Config, space: SearchSpace, study_name: str):

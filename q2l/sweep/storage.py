@@ -112,7 +112,9 @@ def check_job_paths(cfg: Config) -> None:
     if not job or "working_dir" not in json.loads(job).get("runtime_env", {}):
         return
     flat = cfg.flat()
-    keys = list(_PATH_KEYS) + ([] if cfg.mlflow.tracking_uri else ["mlflow.results_dir"])
+    # the results folder holds the embedded MLflow store and, unless tune.storage says otherwise, the study
+    uses_results = not cfg.mlflow.tracking_uri or not cfg.tune.storage
+    keys = list(_PATH_KEYS) + (["mlflow.results_dir"] if uses_results else [])
     for key in keys:
         value = flat[key]
         if isinstance(value, str) and "://" not in value and not os.path.isabs(os.path.expanduser(value)):

@@ -24,7 +24,7 @@ def run_trial(
     from ray.train import TrainingFailedError
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from q2l.train import build_trainer, recorded_failure
+    from q2l.train import FINAL_METRIC, build_trainer, recorded_failure
 
     trial_id = tune.get_context().get_trial_id()
     cfg = config_from_dict(base, "sweep base config").replace(space.overrides(config), f"trial {trial_id}")
@@ -45,7 +45,7 @@ def run_trial(
         result = trainer.fit()
     except TrainingFailedError as e:
         raise RuntimeError(f"trial {trial_id} failed: {worker_error(e)}") from None
-    if "test_map" not in (result.metrics or {}):  # no final report: stopped by the scheduler, or diverged
+    if FINAL_METRIC not in (result.metrics or {}):  # no final report: stopped by the scheduler, or diverged
         failure = recorded_failure(cfg, trainer.train_loop_config["launch_id"])
         if failure is not None:
             raise RuntimeError(f"trial {trial_id} failed: {failure.message}")

@@ -7,8 +7,10 @@ launch, read back from MLflow.
 
 from q2l.train.driver import TrainOutcome, build_trainer, default_run_name, resolve_paths, run_training
 from q2l.train.failures import TrainingInputError, TrainingRunError, recorded_failure
+from q2l.train.final_evaluation import FINAL_METRIC
 
 __all__ = [
+    "FINAL_METRIC",
     "TrainOutcome",
     "TrainingInputError",
     "TrainingRunError",

@@ -34,6 +34,7 @@ from q2l.config import Config
 from q2l.progress import get_logger
 from q2l.ray_runtime import ray_session, storage_join, worker_error
 from q2l.train.failures import TrainingInputError, TrainingRunError, mark_failed, recorded_failure
+from q2l.train.final_evaluation import FINAL_METRIC
 from q2l.train.worker import train_loop_per_worker
 
 _RUN_NAME_SECTIONS = ("data", "model", "loss", "optim", "train")
@@ -190,7 +191,7 @@ def run_training(cfg: Config) -> TrainOutcome:
         run_name=run_name,
         run_id=metrics.get("mlflow_run_id"),
         best_holdout_map=float(metrics.get("best_holdout_map", math.nan)),
-        test_map=float(metrics.get("test_map", math.nan)),
+        test_map=float(metrics.get(FINAL_METRIC, math.nan)),
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         storage_path=storage,
         mlflow_ui=tracking.ui_command(cfg),
@@ -219,7 +220,7 @@ def _fit(cfg: Config, trainer, run_name: str, storage: str):
         raise TrainingRunError(
             _failed(run_name, storage, message, mark_failed(cfg, launch_id, message))
         ) from None
-    failure = recorded_failure(cfg, launch_id) if "test_map" not in (result.metrics or {}) else None
+    failure = recorded_failure(cfg, launch_id) if FINAL_METRIC not in (result.metrics or {}) else None
     if failure is not None:  # no final report: the workers ended the run FAILED themselves
         error = TrainingInputError if failure.input_error else TrainingRunError
         raise error(_failed(run_name, storage, failure.message, failure.run_id))

@@ -7,14 +7,14 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from q2l.packaging import checkpoint
+from q2l.packaging import MODEL_NAME, checkpoint
 from q2l.progress import get_logger
 
 if TYPE_CHECKING:
     from q2l.train.worker import WorkerRun
 
 log = get_logger()
-MODEL_NAME = "model"  # the packaged model's name in the run (what the sweep registers)
+FINAL_METRIC = "test_map"  # only in a run's final report: the run trained to its end and was tested
 
 
 def evaluate_best(run: WorkerRun, last_metrics: dict[str, Any]) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def evaluate_best(run: WorkerRun, last_metrics: dict[str, Any]) -> dict[str, Any
         "mlflow_run_id": run.run_id,
         "best_holdout_map": float(engine.best_map),
         "holdout_map": float(last_metrics.get("holdout_map", run.meta.get("holdout_map", math.nan))),
-        "test_map": float(summary.map),
+        FINAL_METRIC: float(summary.map),
         "test_cf1": float(summary.cf1),
         "test_of1": float(summary.of1),
     }
