@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -471,7 +472,7 @@ def test_launcher_has_cpu_head_gpu_workers_token_auth_and_installs_the_project()
 @pytest.mark.parametrize("script", ["up.sh", "down.sh", "common.sh"])
 def test_local_scripts_parse(script):
     path = CLUSTER / "local" / script
-    out = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    out = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 from model_fixtures import tiny_config_dict
+from support import HANG_GUARD_S
 
 pytestmark = pytest.mark.slow
 
@@ -92,13 +93,16 @@ def _sourced(env_file: Path, base: dict[str, str]) -> dict[str, str]:
         env=base,
         capture_output=True,
         check=True,
+        timeout=HANG_GUARD_S,
     )
     return dict(item.split("=", 1) for item in out.stdout.decode().split("\0") if "=" in item)
 
 
 def _listening(port: int) -> list[str]:
     """Local addresses listening on TCP ``port``."""
-    out = subprocess.run(["ss", "-Htln", f"sport = :{port}"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["ss", "-Htln", f"sport = :{port}"], capture_output=True, text=True, check=True, timeout=HANG_GUARD_S
+    )
     return [line.split()[3] for line in out.stdout.splitlines() if line.strip()]
 
 

@@ -20,6 +20,7 @@ from data_fixtures import (
     write_png_alpha,
 )
 from PIL import Image
+from support import HANG_GUARD_S
 
 from q2l.config import DataConfig
 from q2l.data import BadImageError, build_datasets, build_loader, decode_rgb
@@ -183,7 +184,11 @@ def test_oversized_image_costs_no_memory(bomb_png):
     # a process that only asks q2l to decode it: its peak RSS stays near what the imports took
     # (decoding it, as torchvision's decode_image did before the header check, peaked at 1410 MiB)
     out = subprocess.run(
-        [sys.executable, "-c", _PEAK_RSS, str(bomb_png)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _PEAK_RSS, str(bomb_png)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=HANG_GUARD_S,
     ).stdout.splitlines()
     assert out[0] == f"refused {BOMB_REFUSED}"
     before, peak = (int(x) for x in out[1].split())

@@ -19,6 +19,7 @@ import torch
 import yaml
 from data_fixtures import write_jpeg
 from model_fixtures import TINY_ARCH, reference_probs, tiny_model
+from support import mlflow_uri
 
 from q2l.config import config_from_dict
 from q2l.packaging import (
@@ -50,18 +51,11 @@ def images(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A SQLite MLflow store under tmp, made the current tracking/registry URI for this module."""
-    import mlflow
-
     from q2l.tracking import ensure_experiment, tracking_uri
 
     cfg = config_from_dict({"mlflow": {"results_dir": str(tmp_path_factory.mktemp("results"))}})
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_registry_uri(tracking_uri(cfg))
-    experiment_id = ensure_experiment(cfg)
-    yield experiment_id
-    mlflow.set_tracking_uri(previous[0])
-    mlflow.set_registry_uri(previous[1])
+    with mlflow_uri(tracking_uri(cfg)):
+        yield ensure_experiment(cfg)
 
 
 @pytest.fixture(scope="module")

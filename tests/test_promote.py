@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 import torch
 from data_fixtures import coco_doc, write_jpeg
 from model_fixtures import tiny_model
+from support import mlflow_uri
 
 from q2l.config import Config, config_from_dict
 from q2l.metrics import summarize
@@ -26,6 +28,7 @@ from q2l.registry.predict import run_predict
 from q2l.registry.promote import CHAMPION, PREVIOUS, TAG, gate, run_promote
 from q2l.registry.writes import PENDING_TAG
 from q2l.tracking import tracking_uri
+from q2l.tracking.store import PROGRESS_BAR_ENV
 
 LABELS = ["apple", "bike", "cat", "dog"]  # the models' output order
 CATEGORIES = [(10, "apple"), (8, "bike"), (3, "cat"), (1, "dog")]  # the data's order is by id: dog, cat, ...
@@ -68,10 +71,6 @@ def world(tmp_path_factory):
             "promote": {"min_map": 10.0},
         }
     )
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_registry_uri(tracking_uri(cfg))
-    experiment_id = ensure_experiment(cfg)
     models = {
         "teacher": (teacher, LABELS),
         "teacher_copy": (tiny_model(0, len(LABELS)), LABELS),
@@ -79,13 +78,12 @@ def world(tmp_path_factory):
         "random2": (tiny_model(2, len(LABELS)), LABELS),
         "renamed": (tiny_model(0, len(LABELS)), ["apple", "bike", "cat", "zebra"]),
     }
-    uris = {}
-    with mlflow.start_run(experiment_id=experiment_id, run_name="candidates"):
-        for name, (model, labels) in models.items():
-            uris[name] = log_model(model, label_names=labels, image_size=SIZE, name=name).model_uri
-    yield cfg, uris
-    mlflow.set_tracking_uri(previous[0])
-    mlflow.set_registry_uri(previous[1])
+    with mlflow_uri(tracking_uri(cfg)):
+        uris = {}
+        with mlflow.start_run(experiment_id=ensure_experiment(cfg), run_name="candidates"):
+            for name, (model, labels) in models.items():
+                uris[name] = log_model(model, label_names=labels, image_size=SIZE, name=name).model_uri
+        yield cfg, uris
 
 
 def client(cfg: Config):
@@ -138,8 +136,9 @@ def test_evaluation_uses_training_preprocessing_and_data_label_order(world):
 
 
 @pytest.mark.slow
-def test_floor_then_better_promoted_worse_refused(world, tmp_path, run):
+def test_floor_then_better_promoted_worse_refused(world, tmp_path, run, monkeypatch):
     cfg, uris = world
+    monkeypatch.delenv(PROGRESS_BAR_ENV, raising=False)
     name = "story"
     v1 = register(cfg, name, uris["random1"])
     v2 = register(cfg, name, uris["teacher"])
@@ -158,6 +157,15 @@ def test_floor_then_better_promoted_worse_refused(world, tmp_path, run):
     assert tags[TAG + "gate"] == "passed" and tags[TAG + "replaced"] == ""
     assert tags[TAG + "split"] == "test" and len(tags[TAG + "data_fingerprint"]) == 16
     assert "promoted to champion" in c.get_model_version(name, v1).description
+    # the evaluation's input is the test split as training logs it: the same MLflow dataset entity
+    from q2l.data import build_datasets
+    from q2l.tracking.datasets import image_split
+
+    splits = build_datasets(cfg.data, train=True)
+    trained = image_split("test", splits.test, splits.label_names, splits.fingerprint, cfg.data.root)
+    (evaluation,) = [r for r in promotion_runs(cfg) if r.data.tags["q2l.candidate_version"] == v1][-1:]
+    (used,) = c.get_run(evaluation.info.run_id).inputs.dataset_inputs
+    assert (used.dataset.name, used.dataset.digest) == (trained.name, trained.digest)
 
     # a dry run of a better candidate changes nothing
     c.set_registered_model_alias(name, "challenger", v2)
@@ -202,6 +210,8 @@ def test_floor_then_better_promoted_worse_refused(world, tmp_path, run):
     uri = f"models:/{name}@{CHAMPION}"
     assert run_predict(uri, [image], fmt="json", tracking_uri=store, out=out_buf, err=err_buf) == 0
     assert set(json.loads(out_buf.getvalue())["predictions"][0]["probabilities"]) == set(LABELS)
+    # promote and predict quiet MLflow's progress bars only while they download: nothing leaks out
+    assert PROGRESS_BAR_ENV not in os.environ
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 import torch
 from data_fixtures import write_bomb_png, write_jpeg
 from model_fixtures import reference_probs, tiny_model
+from support import free_port, mlflow_uri
 
 from q2l.config import config_from_dict
 from q2l.packaging import MAX_IMAGES_PER_REQUEST, log_model
@@ -32,12 +32,6 @@ pytestmark = pytest.mark.slow
 LABELS = ["apple", "bike", "cat"]
 SIZE = 64
 STARTUP_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, payload: dict, timeout: float = 60) -> tuple[int, dict]:
@@ -61,17 +55,11 @@ def registered(tmp_path_factory):
     torch.set_num_threads(1)
     cfg = config_from_dict({"mlflow": {"results_dir": str(tmp_path_factory.mktemp("results"))}})
     uri = tracking.tracking_uri(cfg)
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)  # log_model logs into the active (fluent) run
-    mlflow.set_registry_uri(uri)
-    try:
-        model = tiny_model(0, len(LABELS))
+    model = tiny_model(0, len(LABELS))
+    with mlflow_uri(uri):  # log_model logs into the active (fluent) run
         with mlflow.start_run(experiment_id=tracking.ensure_experiment(cfg)):
             info = log_model(model, label_names=LABELS, image_size=SIZE, registered_model_name="served")
         tracking.client(cfg).set_registered_model_alias("served", "champion", info.registered_model_version)
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
     return uri, model
 
 

@@ -10,6 +10,7 @@ environment. Layers below receive the objects.
 
 from q2l.config.resolve import ENVIRONMENT, ResolvedConfig, load_config, parse_override, resolve_config
 from q2l.config.schema import (
+    SECTIONS,
     Config,
     ConfigError,
     DataConfig,
@@ -21,8 +22,8 @@ from q2l.config.schema import (
     RayConfig,
     TrainConfig,
     TuneConfig,
+    config_from_dict,
 )
-from q2l.config.validate import SECTIONS, config_from_dict
 
 __all__ = [
     "ENVIRONMENT",

@@ -11,8 +11,7 @@ from typing import Any
 
 import yaml
 
-from q2l.config.schema import Config, ConfigError
-from q2l.config.validate import Invalid, validate_raw
+from q2l.config.schema import Config, ConfigError, Invalid, validate_raw
 from q2l.config.yaml_file import load_yaml, read_config_file
 
 

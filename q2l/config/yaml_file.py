@@ -8,8 +8,7 @@ from typing import Any
 
 import yaml
 
-from q2l.config.schema import ConfigError
-from q2l.config.validate import show_value
+from q2l.config.schema import ConfigError, show_value
 
 
 class _DuplicateKey(Exception):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from q2l.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_rgb
 from q2l.explain import attention_maps, predicted_labels, save_attention_figure
 from q2l.packaging import PackagingError, Predictor, load_predictor
+from q2l.tracking.store import quiet_artifact_downloads
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FORMATS = ("table", "json", "csv")
@@ -208,8 +208,8 @@ def run_predict(
     try:
         top_k, threshold = selection(top_k, threshold)
         paths, any_folder = _checked_inputs(inputs, fmt, batch_size)
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        predictor = load_predictor(model, tracking_uri=tracking_uri, max_pixels=max_image_pixels)
+        with quiet_artifact_downloads():
+            predictor = load_predictor(model, tracking_uri=tracking_uri, max_pixels=max_image_pixels)
     except (PredictUsageError, PackagingError) as e:
         err.write(f"error: {e}\n")
         return 2

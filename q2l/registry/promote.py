@@ -22,7 +22,6 @@ evaluation data: refused, exit 1). Neither changes the registry.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from q2l.registry.evaluate import (
 )
 from q2l.registry.gate import GateCheck, comparison_table, gate
 from q2l.registry.writes import RegistryWrites, apply_writes, complete_pending, pending_writes
+from q2l.tracking.datasets import log_split
 
 __all__ = [
     "CHALLENGER",
@@ -135,12 +135,15 @@ def _now() -> str:
 
 
 def _load(cfg: Config, name: str, version: str) -> Predictor:
-    from q2l.tracking import tracking_uri
+    from q2l.tracking.store import quiet_artifact_downloads, tracking_uri
 
     try:
-        return load_predictor(
-            f"models:/{name}/{version}", tracking_uri=tracking_uri(cfg), max_pixels=cfg.data.max_image_pixels
-        )
+        with quiet_artifact_downloads():
+            return load_predictor(
+                f"models:/{name}/{version}",
+                tracking_uri=tracking_uri(cfg),
+                max_pixels=cfg.data.max_image_pixels,
+            )
     except PackagingError as e:
         raise RegistryUsageError(f"model {name!r} version {version} cannot be loaded: {e}") from None
 
@@ -221,8 +224,12 @@ def _json_float(value) -> float | None:
     return None if math.isnan(v) else v
 
 
-def _log_evaluation_run(cfg: Config, result: PromotionResult, candidate_ref: str) -> str:
-    """An MLflow run in ``<experiment>-promotions`` with both models' metrics and the table; its id."""
+def _log_evaluation_run(cfg: Config, result: PromotionResult, candidate_ref: str, data: EvalSplit) -> str:
+    """An MLflow run in ``<experiment>-promotions`` with both models' metrics and the table; its id.
+
+    Its input is the evaluated split, logged as the same MLflow dataset as the training runs' split when the
+    data are the same (name and digest from the data folder and fingerprint).
+    """
     import time
 
     from mlflow.entities import Metric, Param
@@ -245,6 +252,9 @@ def _log_evaluation_run(cfg: Config, result: PromotionResult, candidate_ref: str
     client = tracking.client(cfg)
     run_name = f"promote {result.model} v{result.candidate_version}"
     run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    log_split(
+        client, run_id, data.split, data.dataset, data.label_names, data.fingerprint, data.data_cfg.root
+    )
     metrics = result.candidate.as_dict("candidate_")
     if result.champion is not None:
         metrics.update(result.champion.as_dict("champion_"))
@@ -324,7 +334,6 @@ def promote(
     the verdict go to the ``q2l`` logger.
     """
     log = get_logger()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client = open_registry(cfg)
     require_model(client, model)
     if dry_run and pending_writes(client, model) is not None:
@@ -345,7 +354,7 @@ def promote(
         verdict = "would be promoted" if result.passed else "would be refused"
         log.info(f"dry run: the candidate {verdict}; nothing changed")
         return result
-    result.eval_run_id = _log_evaluation_run(cfg, result, candidate)
+    result.eval_run_id = _log_evaluation_run(cfg, result, candidate, contest.data)
     if not result.passed:
         failed = ", ".join(c.name for c in result.checks if not c.passed)
         kept = f"v{champ_v}" if champ_v else "unset"

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from q2l.sweep.record import TRIAL_TAG
-from q2l.sweep.search import TIME_ATTR
+from q2l.train import EPOCH_KEY as TIME_ATTR
 from q2l.train import FINAL_METRIC
 
 logger = logging.getLogger(__name__)

@@ -13,9 +13,8 @@ from typing import Any
 from q2l.config import Config, ConfigError
 from q2l.sweep.resources import ResourcePlan
 from q2l.sweep.space import SearchSpace
-
-METRIC = "best_holdout_map"  # the best held-out mAP so far: what the logged (best-epoch) model achieves
-TIME_ATTR = "epoch"  # 1-based count of finished epochs, reported every epoch by the train layer
+from q2l.train import BEST_MAP_KEY as METRIC
+from q2l.train import EPOCH_KEY as TIME_ATTR
 
 
 def searcher(cfg: Config, space: SearchSpace, study_name: str):

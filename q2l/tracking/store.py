@@ -12,12 +12,14 @@ artifact location, because otherwise artifacts land in the current folder of whi
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import shlex
 import subprocess
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from q2l.config import Config
 PARAM_MAX_CHARS = 500
 TAG_MAX_CHARS = 5000  # what q2l keeps of a tag value (errors, notes); MLflow allows more, a UI shows less
 MAX_BATCH = 100  # MLflow's limit of params (and of tags) per log_batch call
+PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow reads it at each download
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -106,6 +109,23 @@ def activate(uri: str, *, must_exist: bool = False) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
+
+
+@contextmanager
+def quiet_artifact_downloads() -> Iterator[None]:
+    """No MLflow artifact progress bars inside the block, unless the caller's environment asks for them.
+
+    The variable is restored afterwards, so a command called in-process (a test, a notebook) leaves the
+    caller's environment as it found it.
+    """
+    previous = os.environ.get(PROGRESS_BAR_ENV)
+    if previous is None:
+        os.environ[PROGRESS_BAR_ENV] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PROGRESS_BAR_ENV, None)
 
 
 def ensure_experiment(cfg: Config) -> str:

@@ -6,10 +6,13 @@ launch, read back from MLflow.
 """
 
 from q2l.train.driver import TrainOutcome, build_trainer, default_run_name, resolve_paths, run_training
+from q2l.train.epoch_report import BEST_MAP_KEY, EPOCH_KEY
 from q2l.train.failures import TrainingInputError, TrainingRunError, recorded_failure
 from q2l.train.final_evaluation import FINAL_METRIC
 
 __all__ = [
+    "BEST_MAP_KEY",
+    "EPOCH_KEY",
     "FINAL_METRIC",
     "TrainOutcome",
     "TrainingInputError",

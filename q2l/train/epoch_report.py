@@ -11,6 +11,9 @@ from q2l.progress import get_logger
 
 log = get_logger()
 
+EPOCH_KEY = "epoch"  # in every report: the 1-based count of finished epochs (Tune's time attribute)
+BEST_MAP_KEY = "best_holdout_map"  # in every report: the best held-out mAP so far (what sweeps optimise)
+
 
 def epoch_report(result, run_id: str | None) -> dict[str, Any]:
     """The metrics every rank reports to Ray for one epoch (the train layer's contract with Tune).
@@ -23,11 +26,11 @@ def epoch_report(result, run_id: str | None) -> dict[str, Any]:
     seconds = float(train["seconds"])
     ema_map = result.holdout_ema.map if result.holdout_ema is not None else math.nan
     return {
-        "epoch": result.epoch + 1,
+        EPOCH_KEY: result.epoch + 1,
         "holdout_map": float(result.holdout_map),
         "holdout_map_model": float(result.holdout.map),
         "holdout_map_ema": float(ema_map),
-        "best_holdout_map": float(result.best_map),
+        BEST_MAP_KEY: float(result.best_map),
         "train_loss": float(train["loss"]),
         "lr": float(train["lr"]),
         "train_images": images,

@@ -11,7 +11,7 @@ from q2l.packaging import MODEL_NAME, checkpoint
 from q2l.progress import get_logger
 
 if TYPE_CHECKING:
-    from q2l.train.worker import WorkerRun
+    from q2l.train.worker_run import WorkerRun
 
 log = get_logger()
 FINAL_METRIC = "test_map"  # only in a run's final report: the run trained to its end and was tested
