@@ -282,11 +282,12 @@ def test_sweep_driver_killed_mid_sweep_is_finished_by_resume(mlflow_tmp_config, 
         proc.wait(timeout=HANG_GUARD_S)
     wait_for(lambda: not group_alive(proc.pid), "the killed sweep's processes to exit")
 
-    out = _resume_as_told(config)
+    out, restarted = _resume_as_told(config)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     parents, children = sweep_runs(cfg)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert parents[0].data.metrics["trials_completed"] == 2
+    (parent,) = [p for p in parents if p.data.tags["q2l.sweep"] == (restarted or "killed")]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_completed"] == 2
+    children = [c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id]
     trial_ids = {c.data.tags["q2l.trial_id"] for c in children}
     assert len(trial_ids) == 2
     client, _ = client_for(cfg)
@@ -298,19 +299,30 @@ def test_sweep_driver_killed_mid_sweep_is_finished_by_resume(mlflow_tmp_config, 
         assert sorted(steps) == [1, 2], trial  # each epoch once
 
 
-def _resume_as_told(config: Path) -> subprocess.CompletedProcess:
-    """``q2l tune --resume``; when a hard kill left a state file newer than the last verified save, the
-    refusal (exit 2) names it and says to remove it: do exactly that, as a user would, and resume again."""
-    for _ in range(4):  # one file per refusal (experiment, search-generator and searcher state at most)
+def _resume_as_told(config: Path) -> tuple[subprocess.CompletedProcess, str | None]:
+    """``q2l tune --resume``, then whatever its refusal says to do, as a user would: a hard kill can leave a
+    state file newer than the last verified save; the refusal (exit 2, nothing loaded) names it and says to
+    remove it and resume, or, when no verified state is left, to start afresh under a new ``tune.name``.
+
+    Returns the last command's outcome and the name the sweep was restarted under (None if resumed).
+    """
+    args = ["--resume"]
+    for _ in range(5):  # one file per refusal (experiment, search-generator and searcher state at most)
         out = subprocess.run(
-            q2l_tune(config, "--resume"), env=cli_env(), capture_output=True, text=True, timeout=HANG_GUARD_S
+            q2l_tune(config, *args), env=cli_env(), capture_output=True, text=True, timeout=HANG_GUARD_S
         )
-        told = re.search(r"rm '([^']+)' and run the same `q2l tune --resume`", out.stderr)
-        if out.returncode != 2 or told is None:
-            return out
-        assert "nothing was loaded" in out.stderr
-        Path(told.group(1)).unlink()
-    return out
+        if out.returncode != 2 or args[0] != "--resume":
+            break
+        assert "nothing was loaded" in out.stderr or "no Tune experiment state" in out.stderr, out.stderr
+        remove = re.search(r"rm '([^']+)' and run the same `q2l tune --resume`", out.stderr)
+        afresh = re.search(r"without --resume, with --set (tune\.name=(\S+?)-restart)", out.stderr)
+        if remove is not None:
+            Path(remove.group(1)).unlink()
+        elif afresh is not None:
+            args = ["--set", afresh.group(1)]
+        else:
+            break
+    return out, (args[1].split("=", 1)[1] if args[0] == "--set" else None)
 
 
 def group_alive(pgid: int) -> bool:
