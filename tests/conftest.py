@@ -1,7 +1,8 @@
 """Shared fixtures: a clean environment, a local Ray per module, a tiny demo data set, MLflow stores.
 
-- The caller's ``MLFLOW_*`` and ``RAY_*`` variables are cleared for the whole suite (``clean_environment``):
-  a developer's ``MLFLOW_TRACKING_URI`` or ``RAY_ADDRESS`` must not steer a test's runs.
+- The caller's ``MLFLOW_*``, ``RAY_*`` and ``Q2L_*`` variables are cleared for the whole suite
+  (``clean_environment``): a developer's ``MLFLOW_TRACKING_URI`` or ``RAY_ADDRESS`` must not steer a test.
+  Its runs stay where the test puts them.
 - ``ray_local``: a local Ray (``RAY_CPUS`` CPUs, dashboard and node on 127.0.0.1), started for the module
   that asks for it and shut down after its last test; its environment settings are restored then.
 - ``tiny_demo_root``: 48 train + 24 val demo images at 64 px in COCO layout, generated once per session.
@@ -30,10 +31,10 @@ RAY_CPUS = 2  # what ray_local gives Ray, whatever the machine has: expectations
 
 @pytest.fixture(scope="session", autouse=True)
 def clean_environment():
-    """Clear the caller's ``MLFLOW_*`` and ``RAY_*`` variables for the suite; they come back at its end."""
+    """Clear the caller's ``MLFLOW_*``, ``RAY_*`` and ``Q2L_*`` variables for the suite; back at its end."""
     with pytest.MonkeyPatch.context() as mp:
         for key in list(os.environ):
-            if key.startswith(("MLFLOW_", "RAY_")):
+            if key.startswith(("MLFLOW_", "RAY_", "Q2L_")):
                 mp.delenv(key)
         yield
 

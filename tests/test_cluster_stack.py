@@ -241,15 +241,17 @@ def test_ray_refuses_requests_without_the_token(stack, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
 
 
-def _pg(stack, sql: str, *args) -> list[tuple]:
+def _pg(stack, sql: str, *args, role: str = "mlflow") -> list[tuple]:
+    """``sql`` as MLflow's role in its database, or (``role="q2l_optuna"``) in the sweeps' study database."""
     import psycopg2
 
+    secret = {"mlflow": "pg_password", "q2l_optuna": "optuna_password"}[role]
     conn = psycopg2.connect(
         host="127.0.0.1",
         port=stack.ports["Q2L_PG_PORT"],
-        user="mlflow",
-        password=stack.secret("pg_password"),
-        dbname="mlflow",
+        user=role,
+        password=stack.secret(secret),
+        dbname=role,
     )
     try:
         with conn.cursor() as cur:
@@ -634,6 +636,22 @@ def test_demo_sweep_job_runs_end_to_end(stack, sweep):
     assert any(k.startswith(f"ray/{SWEEP}/experiment_state") for k in keys), keys[:20]
     trials = {k.split("/")[3] for k in keys if k.startswith(f"ray/{SWEEP}/trials/") and "/checkpoint_" in k}
     assert len(trials) == 2, keys[:40]
+    # the Optuna study, named after the sweep, in its own PostgreSQL database (the nodes' Q2L_OPTUNA_STORAGE)
+    studies = _pg(stack, "SELECT study_id FROM studies WHERE study_name = %s", SWEEP, role="q2l_optuna")
+    assert len(studies) == 1
+    states = _pg(stack, "SELECT state FROM trials WHERE study_id = %s", studies[0][0], role="q2l_optuna")
+    assert len(states) == 2 and {s for (s,) in states} <= {"COMPLETE", "PRUNED"}, states
+    # that role reaches its own database only
+    import psycopg2
+
+    with pytest.raises(psycopg2.OperationalError, match="permission denied"):
+        psycopg2.connect(
+            host="127.0.0.1",
+            port=stack.ports["Q2L_PG_PORT"],
+            user="q2l_optuna",
+            password=stack.secret("optuna_password"),
+            dbname="mlflow",
+        )
 
 
 def test_two_sweep_trials_run_at_once_on_the_two_nodes(stack, sweep):

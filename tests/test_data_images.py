@@ -167,16 +167,21 @@ def test_jpeg_whose_header_claims_a_huge_frame_is_refused(tmp_path):
         decode_rgb(path)
 
 
+# VmHWM, this process's own peak RSS: getrusage's ru_maxrss would also count the forking parent's size (Linux
+# keeps the larger of the two across exec), and pytest's process grows over a whole suite
 _PEAK_RSS = """
-import resource, sys
+import sys
 from q2l.data.images import BadImageError, decode_rgb
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+before = peak_kib()
 try:
     decode_rgb(sys.argv[1])
     print("decoded")
 except BadImageError as e:
     print("refused", e.reason)
-print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+print(before, peak_kib())
 """
 
 

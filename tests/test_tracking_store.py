@@ -64,9 +64,11 @@ def test_a_server_decides_where_artifacts_go():
 
 def test_commands_take_mlflow_variables_when_the_config_is_silent(tmp_path):
     uri = f"sqlite:///{tmp_path}/env.db"
-    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "from-env"}
+    study = f"sqlite:///{tmp_path}/optuna.db"
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "from-env", "Q2L_OPTUNA_STORAGE": study}
     cfg = resolve_config(None, [], environ=env).config
     assert tracking.tracking_uri(cfg) == uri and cfg.mlflow.experiment == "from-env"
+    assert cfg.tune.storage == study  # a cluster names its study database for every sweep run on it
     cfg = resolve_config(None, ["mlflow.experiment=from-set"], environ=env).config
     assert cfg.mlflow.experiment == "from-set"
 

@@ -97,7 +97,7 @@ done
 
 # ---- secrets (generated here, mode 600, never committed) ------------------------------------------------
 gen_secret() { "$PY" -c "import secrets; print(secrets.token_urlsafe(32))" >"$STATE/secrets/$1"; }
-for s in pg_password mlflow_admin_password mlflow_password flask_secret_key ray_token; do
+for s in pg_password optuna_password mlflow_admin_password mlflow_password flask_secret_key ray_token; do
     gen_secret "$s"
 done
 # The S3 keys (s3_mlflow_*, s3_ray_*) are made by the S3 server at its start, below.
@@ -135,6 +135,12 @@ as_pg "$PG_BIN/psql" -q -v ON_ERROR_STOP=1 -h "$PG_DIR/run" -p "${PORT[PG]}" -d 
 CREATE ROLE mlflow LOGIN PASSWORD '$(cat "$STATE/secrets/pg_password")';
 CREATE DATABASE mlflow OWNER mlflow;
 CREATE DATABASE mlflow_auth OWNER mlflow;
+-- the sweeps' Optuna studies: their own database and role (Ray nodes hold this password, never MLflow's)
+CREATE ROLE q2l_optuna LOGIN PASSWORD '$(cat "$STATE/secrets/optuna_password")';
+CREATE DATABASE q2l_optuna OWNER q2l_optuna;
+REVOKE CONNECT ON DATABASE mlflow, mlflow_auth FROM PUBLIC;
+REVOKE CONNECT ON DATABASE q2l_optuna FROM PUBLIC;
+GRANT CONNECT ON DATABASE q2l_optuna TO q2l_optuna;
 EOF
 log_time "postgres" "$t"
 
@@ -209,6 +215,9 @@ export_ray_env() {
     export MLFLOW_TRACKING_URI="http://127.0.0.1:${PORT[MLFLOW]}" MLFLOW_TRACKING_USERNAME=q2l MLFLOW_TRACKING_PASSWORD
     MLFLOW_TRACKING_PASSWORD="$(cat "$STATE/secrets/mlflow_password")"
     export Q2L_RAY_STORAGE="$RAY_STORAGE" $MLFLOW_CLIENT_ENV
+    # the sweeps' Optuna study database (q2l reads tune.storage from Q2L_OPTUNA_STORAGE; libpq the password)
+    export Q2L_OPTUNA_STORAGE="postgresql+psycopg2://q2l_optuna@127.0.0.1:${PORT[PG]}/q2l_optuna" PGPASSWORD
+    PGPASSWORD="$(cat "$STATE/secrets/optuna_password")"
     # Ray code that connects by itself (e.g. Ray Train's state queries) must find this cluster, not another
     # Ray running on the same machine.
     export RAY_ADDRESS="127.0.0.1:${PORT[RAY]}" RAY_API_SERVER_ADDRESS="$DASH_URL"
@@ -256,6 +265,8 @@ export AWS_ENDPOINT_URL_S3="$S3_URL"
 export Q2L_RAY_BUCKET="$RAY_BUCKET"
 export Q2L_RAY_STORAGE="$RAY_STORAGE"
 export Q2L_PG_PORT=${PORT[PG]}
+export Q2L_OPTUNA_STORAGE="postgresql+psycopg2://q2l_optuna@127.0.0.1:${PORT[PG]}/q2l_optuna"
+export PGPASSWORD="\$(cat "$STATE/secrets/optuna_password")"
 EOF
 chmod 600 "$STATE/stack.env"
 log_time "total" "$T_START"

@@ -34,6 +34,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 ENVIRONMENT: dict[str, str] = {
     "mlflow.tracking_uri": "MLFLOW_TRACKING_URI",
     "mlflow.experiment": "MLFLOW_EXPERIMENT_NAME",
+    # Optuna has no variable of its own: a cluster names its study database for the sweeps run on it
+    "tune.storage": "Q2L_OPTUNA_STORAGE",
 }
 
 
