@@ -79,7 +79,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             raise TrainingRunError(f"{type(e).__name__}: {e}") from e
         raise
     finally:
-        system_metrics.stop(run.monitor)
+        if run is not None:  # None: building the run failed (an input error every rank met)
+            system_metrics.stop(run.monitor)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
