@@ -29,6 +29,28 @@ from q2l.config import Config, config_from_dict
 RAY_CPUS = 2  # what ray_local gives Ray, whatever the machine has: expectations derive from this
 
 
+@pytest.fixture(autouse=True)
+def restore_mlflow_uris():
+    """Each test starts and ends with MLflow's process-wide tracking and registry URIs as they were.
+
+    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` (q2l's ``tracking.activate`` calls both) set module
+    globals and ``MLFLOW_*_URI`` variables; left behind, a later test's ``MlflowClient(tracking_uri=X)``
+    would look for registered models in an earlier test's store.
+    """
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def clean_environment():
     """Clear the caller's ``MLFLOW_*``, ``RAY_*`` and ``Q2L_*`` variables for the suite; back at its end."""

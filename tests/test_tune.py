@@ -67,7 +67,7 @@ def q2l_tune(config: Path, *args: str) -> list[str]:
 def client_for(cfg: Config):
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    client = MlflowClient(tracking_uri=tracking_uri(cfg), registry_uri=tracking_uri(cfg))
     return client, client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
 
 
