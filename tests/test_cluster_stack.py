@@ -531,6 +531,18 @@ def _tiny_config(stack, data_root: Path, path: Path) -> Path:
     return path
 
 
+def _train_workers_and_nodes(stack, job_id: str) -> tuple[list[dict], set[str]]:
+    """The Ray Train worker actors of job ``job_id`` (Ray's state API) and the ids of the alive nodes."""
+    query = "detail=1&limit=1000&filter_keys=class_name&filter_predicates=%3D&filter_values=RayTrainWorker"
+    actors = [
+        a
+        for a in _ray_api(stack, f"/api/v0/actors?{query}")["data"]["result"]["result"]
+        if a["job_id"] == job_id
+    ]
+    nodes = _ray_api(stack, "/api/v0/nodes?limit=100")["data"]["result"]["result"]
+    return actors, {n["node_id"] for n in nodes if n["state"] == "ALIVE"}
+
+
 def test_two_worker_ddp_run_spans_both_nodes_with_checkpoints_in_s3(stack, tiny_demo_root, tmp_path):
     config = _tiny_config(stack, tiny_demo_root, tmp_path / "ddp.yaml")
     sid, text, seconds = _submit(stack, ["q2l", "train", "--config", str(config)], timeout=900)
@@ -539,15 +551,7 @@ def test_two_worker_ddp_run_spans_both_nodes_with_checkpoints_in_s3(stack, tiny_
     assert "[q2l] done:" in text
 
     # the two training workers ran on the two different nodes of the stack
-    job_id = _ray_api(stack, f"/api/jobs/{sid}")["job_id"]
-    query = "detail=1&limit=1000&filter_keys=class_name&filter_predicates=%3D&filter_values=RayTrainWorker"
-    actors = [
-        a
-        for a in _ray_api(stack, f"/api/v0/actors?{query}")["data"]["result"]["result"]
-        if a["job_id"] == job_id
-    ]
-    nodes = _ray_api(stack, "/api/v0/nodes?limit=100")["data"]["result"]["result"]
-    alive = {n["node_id"] for n in nodes if n["state"] == "ALIVE"}
+    actors, alive = _train_workers_and_nodes(stack, _ray_api(stack, f"/api/jobs/{sid}")["job_id"])
     assert len(actors) == 2 and len(alive) == 2
     assert {a["node_id"] for a in actors} == alive, "the two workers must run on the two different nodes"
 
@@ -658,14 +662,7 @@ def test_two_sweep_trials_run_at_once_on_the_two_nodes(stack, sweep):
     job_id, text = sweep
     assert "up to 2 at once" in text, text[-3000:]
     # each trial's training worker is a RayTrainWorker actor of the job: one on each node
-    query = "detail=1&limit=1000&filter_keys=class_name&filter_predicates=%3D&filter_values=RayTrainWorker"
-    actors = [
-        a
-        for a in _ray_api(stack, f"/api/v0/actors?{query}")["data"]["result"]["result"]
-        if a["job_id"] == job_id
-    ]
-    nodes = _ray_api(stack, "/api/v0/nodes?limit=100")["data"]["result"]["result"]
-    alive = {n["node_id"] for n in nodes if n["state"] == "ALIVE"}
+    actors, alive = _train_workers_and_nodes(stack, job_id)
     assert len(actors) == 2 and len(alive) == 2, actors
     assert {a["node_id"] for a in actors} == alive, "the two trials' workers must run on the two nodes"
     # and the two trials' MLflow runs were open at the same time

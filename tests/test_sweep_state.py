@@ -239,19 +239,25 @@ def stop_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-@pytest.mark.slow
-def test_interrupted_sweep_refuses_crafted_state_and_resumes_untouched(mlflow_tmp_config, tmp_path):
-    cfg = mlflow_tmp_config
+def interrupted_sweep(cfg, tmp_path: Path, sig: int) -> tuple[Path, Path, Path]:
+    """A two-trial sweep sent ``sig`` once both trials have started; (config, sweep folder, its log)."""
     config = sweep_config(cfg, tmp_path, num_samples=2, max_concurrent_trials=1, scheduler="none", name=NAME)
     sweep_dir = Path(cfg.ray.storage_path) / NAME
     log_file = tmp_path / "sweep.log"
     proc = start_sweep(config, log_file)
     try:
         wait_for_trials(proc, log_file, sweep_dir, 2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         proc.wait(timeout=180)
     finally:
-        stop_group(proc)
+        stop_group(proc)  # the local Ray it started
+    return config, sweep_dir, log_file
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_refuses_crafted_state_and_resumes_untouched(mlflow_tmp_config, tmp_path):
+    cfg = mlflow_tmp_config
+    config, sweep_dir, log_file = interrupted_sweep(cfg, tmp_path, signal.SIGINT)
     assert "continue it with --resume" in log_file.read_text()
     (parent,), children = sweep_runs(cfg)
     assert int(parent.data.tags[f"{STATE_TAG}.chunks"]) >= 1
@@ -300,16 +306,7 @@ def test_interrupted_sweep_refuses_crafted_state_and_resumes_untouched(mlflow_tm
 def test_sweep_resumes_after_its_driver_is_killed(mlflow_tmp_config, tmp_path):
     """SIGKILL leaves no chance to record at the end: the digests recorded while it ran verify the state."""
     cfg = mlflow_tmp_config
-    config = sweep_config(cfg, tmp_path, num_samples=2, max_concurrent_trials=1, scheduler="none", name=NAME)
-    sweep_dir = Path(cfg.ray.storage_path) / NAME
-    log_file = tmp_path / "sweep.log"
-    proc = start_sweep(config, log_file)
-    try:
-        wait_for_trials(proc, log_file, sweep_dir, 2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        stop_group(proc)  # the local Ray it started
+    config, _, _ = interrupted_sweep(cfg, tmp_path, signal.SIGKILL)
     out = resume(config)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     (parent,), children = sweep_runs(cfg)
