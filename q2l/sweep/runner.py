@@ -25,6 +25,7 @@ from q2l.config import Config, ConfigError, config_from_dict
 from q2l.progress import get_logger
 from q2l.ray_runtime import alive_nodes, ray_session
 from q2l.sweep import record as sweep_record
+from q2l.sweep.recorded_storage import recording, recording_filesystem
 from q2l.sweep.resources import ResourcePlan, plan_resources
 from q2l.sweep.results import trial_rows, unfinished
 from q2l.sweep.search import scheduler, searcher, settings
@@ -190,13 +191,16 @@ def _tuner(sweep: _Sweep):
     if sweep.resume:
         # again just before Tune reads the files: they may have changed since _prepare
         verify_state(cfg, sweep.name, sweep.path, sweep.parent)
+        fs, path = recording_filesystem(sweep.path)
         return tune.Tuner.restore(
-            sweep.path,
+            path,
+            storage_filesystem=fs,
             trainable=trainable,
             resume_unfinished=True,
             resume_errored=False,
             restart_errored=False,
         )
+    fs, root = recording_filesystem(storage_root(cfg))  # Tune's state: recorded, then written
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -209,7 +213,8 @@ def _tuner(sweep: _Sweep):
         ),
         run_config=tune.RunConfig(
             name=sweep.name,
-            storage_path=storage_root(cfg),
+            storage_path=root,
+            storage_filesystem=fs,
             # a failing trial is recorded and the sweep goes on
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
             verbose=1,
@@ -218,15 +223,14 @@ def _tuner(sweep: _Sweep):
 
 
 def _fit(sweep: _Sweep):
-    """Run the trials, recording the digests of Tune's state as it saves it; on any interruption save the wall
-    time and mark the parent run KILLED or FAILED."""
+    """Run the trials, Tune writing its state through the recording filesystem; on any interruption save the
+    wall time and mark the parent run KILLED or FAILED."""
     recorder = StateRecorder(sweep.cfg, sweep.parent, sweep.manifest or Manifest(sweep.name, sweep.path))
     try:
-        tuner = _tuner(sweep)
-        if not sweep.resume:
-            recorder.add_tuner_file()
-        with recorder, _sigterm_as_sigint():
-            grid = tuner.fit()
+        with recording(recorder):
+            tuner = _tuner(sweep)  # a new Tuner writes tuner.pkl
+            with _sigterm_as_sigint():
+                grid = tuner.fit()
     except BaseException as e:
         sweep.add_wall_time()
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"

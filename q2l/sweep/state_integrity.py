@@ -8,11 +8,11 @@ trials inside), ``search_gen_state-*.json`` (a pickle despite its name), ``searc
 ``*.json`` outside ``trials/``, ``q2l_sweep.json`` aside) in tags of the sweep's MLflow parent run, where
 only MLflow users can write, and ``--resume`` refuses the folder unless every one of them matches.
 
-The digests come from the driver's own copies, never from storage: Tune saves its state into a local
-staging folder on the driver and uploads it from there (not atomically); a thread hashes that folder
-while the sweep runs (so a killed driver's state is still recorded), and once more when ``fit`` ends.
-Each file keeps its last ``_HISTORY`` digests: after a kill, storage may hold an upload or two behind the
-staging folder. ``tuner.pkl`` is written straight to storage once, when the Tuner is made, and hashed then.
+The digests are recorded before the bytes reach storage: Tune writes its state to storage through the
+recording filesystem of ``recorded_storage.py``, which has the sweep's ``StateRecorder`` record each state
+file's digest and only then writes it (to a temporary name, moved into place). So a driver killed at any
+moment leaves in storage only state files whose digests are recorded. Each file keeps its last
+``_HISTORY`` digests (a kill between the record and the write leaves the previous version in storage).
 
 Ray Train's folders under ``trials/`` are read by the trial workers (weights with ``weights_only=True``,
 JSON), never unpickled by the driver, and are not covered.
@@ -21,20 +21,15 @@ JSON), never unpickled by the driver, and are not covered.
 from __future__ import annotations
 
 import fnmatch
-import glob
 import hashlib
 import json
-import os
 import threading
 from dataclasses import asdict, dataclass, field
 
 from q2l import tracking
 from q2l.config import Config
-from q2l.progress import get_logger
 from q2l.sweep.record import SWEEP_TAG
 from q2l.sweep.storage import STATE_FILE, filesystem, join
-
-log = get_logger()
 
 TUNER_FILE = "tuner.pkl"
 TRAIN_DIR = "trials"  # Ray Train's checkpoint folders (see the module docstring)
@@ -43,7 +38,6 @@ STATE_TAG = "q2l.state"  # tags q2l.state.sha256, q2l.state.chunks, q2l.state.ma
 _CHUNK_CHARS = 7500  # MLflow holds tag values of up to 8000 characters
 _TAGS_PER_BATCH = 100  # MLflow's limit per log_batch
 _HISTORY = 6
-_POLL_S = 0.5
 
 
 class SweepStateError(Exception):
@@ -157,6 +151,14 @@ def _parent_tags(cfg: Config, name: str, path: str, run_id: str) -> dict[str, st
     return tags
 
 
+def recorded_manifest(cfg: Config, name: str, path: str, run_id: str) -> Manifest | None:
+    """The digests recorded for sweep ``name`` at ``path`` in its parent run ``run_id`` (None: no record)."""
+    manifest = _read_manifest(_parent_tags(cfg, name, path, run_id))
+    if manifest is None or (manifest.sweep, manifest.path) != (name, path):
+        return None
+    return manifest
+
+
 # ------------------------------------------------------------------------------------------ verification
 def verify_state(cfg: Config, name: str, path: str, run_id: str) -> Manifest:
     """Check every state file in the sweep folder ``path`` against the digests recorded in its parent run.
@@ -164,9 +166,8 @@ def verify_state(cfg: Config, name: str, path: str, run_id: str) -> Manifest:
     Returns the recorded manifest; raises ``SweepStateError`` naming the file (and what to do) when a file
     is unrecorded or differs, when there is no record, or when no experiment state is left to restore.
     """
-    tags = _parent_tags(cfg, name, path, run_id)
-    manifest = _read_manifest(tags)
-    if manifest is None or (manifest.sweep, manifest.path) != (name, path):
+    manifest = recorded_manifest(cfg, name, path, run_id)
+    if manifest is None:
         raise SweepStateError(
             f"MLflow parent run {run_id} of sweep {name} holds no record of the digests of its Tune "
             f"state (tags {STATE_TAG}.*), so {path} cannot be verified and nothing was loaded from it "
@@ -196,7 +197,7 @@ def _refusal(name: str, path: str, run_id: str, rel: str, digest: str, *, record
     )
     head = (
         f"{file} {what} in MLflow parent run {run_id}; nothing was loaded from {path}. Something "
-        f"other than the sweep's driver wrote it (or the driver was killed while Tune uploaded it)."
+        f"other than the sweep's driver wrote it."
     )
     fresh = f"your `q2l tune` command without --resume, with --set tune.name={name}-restart"
     if rel == TUNER_FILE:
@@ -209,66 +210,18 @@ def _refusal(name: str, path: str, run_id: str, rel: str, digest: str, *, record
 
 
 # ------------------------------------------------------------------------------------------ recording
-def staging_folder(name: str) -> str | None:
-    """The driver's local staging folder of Tune experiment ``name`` in this Ray session (the newest)."""
-    from ray.train.constants import _get_ray_train_session_dir
-
-    # Tune's StorageContext: <session dir>/artifacts/<timestamp>/<experiment name>/driver_artifacts
-    found = glob.glob(
-        os.path.join(glob.escape(_get_ray_train_session_dir()), "*", glob.escape(name), "driver_artifacts")
-    )
-    return max(found, key=os.path.getmtime) if found else None
-
-
 class StateRecorder:
-    """Records the digests of the Tune state in the sweep's parent run: as a context manager around
-    ``Tuner.fit``, from a background thread whenever the driver's staging folder changes, and at the end."""
+    """Records the digests of a sweep's Tune state files in its MLflow parent run, one file at a time, as
+    ``recorded_storage.py`` is about to write each to storage."""
 
     def __init__(self, cfg: Config, run_id: str, manifest: Manifest) -> None:
         self.cfg, self.run_id, self.manifest = cfg, run_id, manifest
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._warned = False
 
-    def add_tuner_file(self) -> None:
-        """Record ``tuner.pkl``, which a new Tuner has just written to the sweep folder."""
-        fs, path = filesystem(join(self.manifest.path, TUNER_FILE))
-        with fs.open_input_stream(path) as f:
-            self._save(self.manifest.merged({TUNER_FILE: _sha256(f.read())}))
-
-    def record(self) -> None:
-        """Hash the staging folder; record the digests when they changed."""
-        staging = staging_folder(self.manifest.sweep)
-        if staging is not None:
-            self._save(self.manifest.merged(folder_digests(staging)))
-
-    def _save(self, manifest: Manifest) -> None:
+    def add(self, rel: str, data: bytes) -> None:
+        """Record ``data`` as the newest version of the state file ``rel`` (relative to the sweep folder)."""
         with self._lock:
+            manifest = self.manifest.merged({rel: _sha256(data)})
             if manifest.files != self.manifest.files:
                 write_manifest(self.cfg, self.run_id, manifest)
                 self.manifest = manifest
-
-    def _watch(self) -> None:
-        while not self._stop.wait(_POLL_S):
-            try:
-                self.record()
-            except Exception as e:  # a busy store or a file Tune is replacing: the next poll tries again
-                if not self._warned:
-                    log.warning(f"recording the sweep state digests failed for now: {e}")
-                    self._warned = True
-
-    def __enter__(self) -> StateRecorder:
-        self._thread = threading.Thread(target=self._watch, name="q2l-state-digests", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        try:
-            self.record()
-        except Exception as e:
-            log.error(f"could not record the digests of the sweep state ({e}); --resume may refuse it")
-            if exc[0] is None:
-                raise
