@@ -390,7 +390,7 @@ def _selects(selector: dict, labels: dict) -> bool:
     return True
 
 
-def test_network_policies_let_only_mlflow_reach_postgres():
+def test_network_policies_let_only_mlflow_and_the_ray_pods_reach_postgres():
     (pg,) = _by_kind("StatefulSet")
     pg_labels = pg["spec"]["template"]["metadata"]["labels"]
     policies = [p for p in _by_kind("NetworkPolicy") if _selects(p["spec"]["podSelector"], pg_labels)]
@@ -417,7 +417,125 @@ def test_network_policies_let_only_mlflow_reach_postgres():
                 )
                 allowed |= {name for name, labels in pods.items() if _selects(peer["podSelector"], labels)}
             assert {port["port"] for port in rule.get("ports", [])} == {5432}, p["metadata"]["name"]
-    assert allowed == {"q2l-mlflow"}, f"pods allowed to reach PostgreSQL: {sorted(allowed)}"
+    ray_pods = {name for name in pods if name.startswith("ray-")}
+    assert ray_pods and allowed == {"q2l-mlflow", *ray_pods}, (
+        f"pods allowed to reach PostgreSQL: {sorted(allowed)}"
+    )
+
+
+def _env(spec: dict) -> dict[str, dict]:
+    return {e["name"]: e for c in spec["containers"] for e in c.get("env", [])}
+
+
+def test_ray_pods_hold_the_study_roles_password_and_not_mlflows():
+    (rc,) = _by_kind("RayCluster")
+    (config,) = [c for c in _by_kind("ConfigMap") if c["metadata"]["name"] == "q2l-config"]
+    storage = config["data"]["Q2L_OPTUNA_STORAGE"]
+    assert storage.startswith("postgresql+psycopg2://q2l_optuna@") and storage.endswith("/q2l_optuna")
+    for spec in _pod_specs(rc):
+        env = _env(spec)
+        assert env["Q2L_OPTUNA_STORAGE"]["valueFrom"]["configMapKeyRef"]["key"] == "Q2L_OPTUNA_STORAGE"
+        assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "q2l-optuna"
+        secrets = {r["name"] for r in _walk(spec, "secretKeyRef")}
+        assert "q2l-postgres" not in secrets and "q2l-s3-mlflow" not in secrets, secrets
+    (pg,) = _by_kind("StatefulSet")
+    assert _env(pg["spec"]["template"]["spec"])["OPTUNA_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "q2l-optuna",
+        "key": "password",
+    }
+
+
+@pytest.mark.slow
+def test_postgres_init_scripts_give_the_study_role_its_database_and_nothing_else(tmp_path):
+    """The init ConfigMap run as the postgres image runs it, on a real PostgreSQL: ``POSTGRES_USER`` as
+    superuser and ``POSTGRES_DB``, then each ``.sql`` through psql and each ``.sh`` sourced by bash."""
+    import shutil
+    import tempfile
+
+    import psycopg2
+    from support import free_port
+
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    if not bins or (os.getuid() == 0 and shutil.which("runuser") is None):
+        pytest.skip("PostgreSQL server binaries not installed (make setup-dev installs them)")
+    pg_bin = bins[-1]
+    (init,) = [c for c in _by_kind("ConfigMap") if c["metadata"]["name"] == "q2l-postgres-init"]
+    root = Path(tempfile.mkdtemp(prefix="q2l-pg-"))  # the postgres user must reach it (not pytest's tmp)
+    root.chmod(0o777)
+    as_pg = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
+    port, password = free_port(), "study-role-secret"
+    env = {
+        **os.environ,
+        "PGHOST": str(root),
+        "PGPORT": str(port),
+        "POSTGRES_USER": "mlflow",
+        "PGUSER": "mlflow",
+    }
+
+    def run(cmd, **kw):
+        return subprocess.run(
+            [*as_pg, *cmd], check=True, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env, **kw
+        )
+
+    try:
+        run(
+            [
+                f"{pg_bin}/initdb",
+                "-D",
+                f"{root}/data",
+                "-U",
+                "mlflow",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ]
+        )
+        run(
+            [
+                f"{pg_bin}/pg_ctl",
+                "-D",
+                f"{root}/data",
+                "-l",  # the server's output to a file, not to this test's pipe (which would never close)
+                f"{root}/postgres.log",
+                "-w",
+                "-o",
+                f"-c listen_addresses=127.0.0.1 -p {port} -k {root}",
+                "start",
+            ]
+        )
+        run([f"{pg_bin}/createdb", "mlflow"])
+        for name, text in sorted(init["data"].items()):
+            script = root / name
+            script.write_text(text)
+            if name.endswith(".sql"):
+                run([f"{pg_bin}/psql", "-v", "ON_ERROR_STOP=1", "--dbname", "mlflow", "-f", str(script)])
+            else:
+                run(
+                    [
+                        "bash",
+                        "-c",
+                        f"export PATH={pg_bin}:$PATH OPTUNA_PASSWORD={password}; set -e; source {script}",
+                    ]
+                )
+
+        def connect(dbname, user="q2l_optuna", pw=password):
+            return psycopg2.connect(
+                host="127.0.0.1", port=port, dbname=dbname, user=user, password=pw, connect_timeout=10
+            )
+
+        with connect("q2l_optuna") as conn, conn.cursor() as cur:
+            cur.execute("CREATE TABLE studies (id int)")  # the role owns its database: Optuna creates tables
+        for other in ("mlflow", "mlflow_auth"):
+            with pytest.raises(psycopg2.OperationalError, match="permission denied for database"):
+                connect(other)
+        with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+            connect("q2l_optuna", pw="wrong")
+    finally:
+        subprocess.run(
+            [*as_pg, f"{pg_bin}/pg_ctl", "-D", f"{root}/data", "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=HANG_GUARD_S,
+        )
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------- cluster launcher
