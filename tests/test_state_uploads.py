@@ -65,18 +65,15 @@ def test_a_state_file_is_recorded_before_it_is_written_and_other_files_pass_thro
                 f.write(data)
         with fs.open_output_stream(f"{root}/{NAME}/trial-a/result.json") as f:
             f.write(b"{}")  # not a state file: not recorded
-        fs.copy_file(f"{root}/{NAME}/experiment_state-x.json", f"{root}/{NAME}/search_gen_state-x.json")
-    assert seen_in_storage_when_recorded == [False, False, False]
-    assert sorted(recorder.manifest.files) == [
-        "experiment_state-x.json",
-        "search_gen_state-x.json",
-        "trial-a/params.pkl",
-    ]
+        # bytes from storage are not the driver's: a copy onto a state file is refused, not recorded
+        with pytest.raises(OSError, match="copying onto a recorded sweep state file"):
+            fs.copy_file(f"{root}/{NAME}/experiment_state-x.json", f"{root}/{NAME}/search_gen_state-x.json")
+    assert seen_in_storage_when_recorded == [False, False]
+    assert sorted(recorder.manifest.files) == ["experiment_state-x.json", "trial-a/params.pkl"]
     assert sorted(p.name for p in folder.iterdir()) == [
         "experiment_state-x.json",
-        "search_gen_state-x.json",
         "trial-a",
-    ]  # no temporary file left behind
+    ]  # no temporary file left behind, nothing copied
     assert verify_state(cfg, NAME, str(folder), run_id).files == recorder.manifest.files
 
     # outside `recording` (a trial actor's process) nothing is recorded and everything is written

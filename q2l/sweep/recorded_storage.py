@@ -124,18 +124,18 @@ class RecordingHandler(pyarrow.fs.FileSystemHandler):
         self.fs.delete_file(path)
 
     def move(self, src, dest):
-        self._record_copy(src, dest)
+        self._refuse_unrecordable(dest, "moving")
         self.fs.move(src, dest)
 
     def copy_file(self, src, dest):
-        self._record_copy(src, dest)
+        self._refuse_unrecordable(dest, "copying")
         self.fs.copy_file(src, dest)
 
-    def _record_copy(self, src: str, dest: str) -> None:
-        target = _recorder_of(dest)
-        if target is not None:
-            with self.fs.open_input_stream(src) as f:
-                target[0].add(target[1], f.read())
+    def _refuse_unrecordable(self, path: str, what: str) -> None:
+        """Bytes that come from storage (a move, a copy) or are appended there are not the driver's own:
+        recording them would vouch for whatever storage holds. Tune does none of this to its state."""
+        if _recorder_of(path) is not None:
+            raise OSError(f"{path}: {what} onto a recorded sweep state file is not supported")
 
     def open_input_stream(self, path):
         return self.fs.open_input_stream(path)
@@ -150,6 +150,5 @@ class RecordingHandler(pyarrow.fs.FileSystemHandler):
         return pyarrow.PythonFile(_RecordedUpload(self.fs, path, *target), mode="w")
 
     def open_append_stream(self, path, metadata):
-        if _recorder_of(path) is not None:
-            raise OSError(f"{path}: appending to a recorded sweep state file is not supported")
+        self._refuse_unrecordable(path, "appending")
         return self.fs.open_append_stream(path, metadata=metadata)
