@@ -8,6 +8,7 @@ trivial trainable through the sweep's own searcher and ASHA scheduler (determini
 from __future__ import annotations
 
 import math
+import pickle
 import subprocess
 from pathlib import Path
 
@@ -146,6 +147,27 @@ def test_gp_searcher_builds_and_samples_the_space(tmp_path):
     assert len(stored) == 1 and stored[0].user_attrs["q2l.trial_id"] == "t1"
     plan = ResourcePlan(driver={}, per_worker={}, fits=1, max_concurrent=1)
     assert settings(cfg, plan)["searcher"] == "optuna-gp"
+
+
+def test_a_trial_the_study_finished_before_a_hard_kill_can_rerun_after_resume(tmp_path):
+    # the study is written as trials go, Tune's state only now and then: a resumed sweep can rerun a trial
+    # that the study already holds as finished (a CI run failed so: UpdateFinishedTrialError ended it)
+    from q2l.sweep.search import searcher
+
+    cfg = config(tmp_path, searcher="optuna", num_samples=4)
+    search = searcher(cfg, parse_space(cfg), "rerun")
+    search.suggest("t1")
+    search.on_trial_result("t1", {"epoch": 1, "best_holdout_map": 40.0})
+    snapshot = pickle.dumps(search)  # Tune's last saved state: t1 running, epoch 1 reported
+    search.on_trial_result("t1", {"epoch": 2, "best_holdout_map": 50.0})
+    search.on_trial_complete("t1", {"epoch": 2, "best_holdout_map": 50.0, "test_map": 45.0})
+
+    resumed = pickle.loads(snapshot)  # the hard kill, then --resume
+    resumed.on_trial_result("t1", {"epoch": 2, "best_holdout_map": 30.0})
+    resumed.on_trial_complete("t1", {"epoch": 3, "best_holdout_map": 35.0, "test_map": 33.0})
+    (trial,) = sweep_study.load_study(cfg, "rerun").trials
+    assert trial.state == TrialState.COMPLETE
+    assert trial.value == 50.0 and trial.intermediate_values == {1: 40.0, 2: 50.0}
 
 
 # ------------------------------------------------------------------------------------------ real Tune

@@ -28,6 +28,7 @@ from support import HANG_GUARD_S, free_port, wait_for
 from q2l.config import Config, ConfigError
 from q2l.ray_runtime import local_ray_env
 from q2l.sweep.space import parse_space
+from q2l.sweep.study import storage_url
 from q2l.tracking import tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,7 +254,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(mlflow_tmp_
 
 
 def test_sweep_driver_killed_mid_sweep_is_finished_by_resume(mlflow_tmp_config, tmp_path):
-    # SIGKILL: no handler runs, nothing is saved on the way out; --resume must still finish the sweep
+    # SIGKILL: no handler runs, nothing is saved on the way out; --resume must still finish the sweep. Tune
+    # saves its state only now and then (here only at the start: TUNE_GLOBAL_CHECKPOINT_S), the Optuna study
+    # as trials go: the resumed sweep reruns a trial that the study holds as running, with an epoch reported
     cfg = mlflow_tmp_config
     config = sweep_config(
         cfg, tmp_path, num_samples=2, max_concurrent_trials=1, scheduler="none", name="killed"
@@ -262,7 +265,7 @@ def test_sweep_driver_killed_mid_sweep_is_finished_by_resume(mlflow_tmp_config, 
     with log_file.open("w") as out:
         proc = subprocess.Popen(
             q2l_tune(config),
-            env=cli_env(),
+            env=cli_env(TUNE_GLOBAL_CHECKPOINT_S="3600"),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: its local Ray goes with it below
@@ -297,6 +300,10 @@ def test_sweep_driver_killed_mid_sweep_is_finished_by_resume(mlflow_tmp_config, 
         assert all(c.info.status in ("FINISHED", "KILLED") for c in runs)  # none left RUNNING
         steps = [m.step for m in client.get_metric_history(done.info.run_id, "train_loss")]
         assert sorted(steps) == [1, 2], trial  # each epoch once
+    # the study: the rerun trial finished like the other, nothing left running
+    study = optuna.load_study(study_name=restarted or "killed", storage=storage_url(cfg))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert {t.user_attrs["q2l.trial_id"] for t in study.trials} == trial_ids
 
 
 def _resume_as_told(config: Path) -> tuple[subprocess.CompletedProcess, str | None]:

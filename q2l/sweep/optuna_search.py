@@ -6,6 +6,9 @@ one. ``MultiFidelityOptunaSearch`` reports the metric once per epoch (``trial.re
 and tells a trial that ended with the final (test) report COMPLETE, one that errored FAIL, and one that
 ended without either (stopped by the scheduler) PRUNED, whose value Optuna takes from its last epoch. Each
 Optuna trial carries the Tune trial id (user attribute ``q2l.trial_id``, as its MLflow run's tag).
+
+The study is written as trials go, Tune's state only every so often: after a SIGKILL, ``--resume`` can rerun
+a trial the study already holds as finished. Its rerun leaves the study as it was.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import math
 from typing import Any
 
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
@@ -46,7 +50,13 @@ class MultiFidelityOptunaSearch(OptunaSearch):
         seen = self._reported.setdefault(trial_id, set())
         if step in seen:
             return
-        self._ot_trials[trial_id].report(float(result[self.metric]), step)
+        try:
+            self._ot_trials[trial_id].report(float(result[self.metric]), step)
+        except UpdateFinishedTrialError:
+            # the study is ahead of Tune's saved state: the trial ended and was told before the driver was
+            # killed, Tune's last snapshot still had it running, and --resume runs it again. The study keeps
+            # what it was told.
+            logger.info(f"optuna: trial {trial_id} already ended in the study; its rerun is not reported")
         seen.add(step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -65,7 +75,8 @@ class MultiFidelityOptunaSearch(OptunaSearch):
         else:
             state, told = TrialState.PRUNED, None
         try:
-            self._ot_study.tell(self._ot_trials[trial_id], told, state=state)
+            # skip_if_finished: told before a hard kill, rerun after --resume (see on_trial_result)
+            self._ot_study.tell(self._ot_trials[trial_id], told, state=state, skip_if_finished=True)
         except Exception as exc:  # noqa: BLE001 - e.g. told before a restore: Tune must go on
             logger.warning(f"optuna: cannot tell trial {trial_id} {state.name}: {exc}")
         self._completed_trials.add(trial_id)
