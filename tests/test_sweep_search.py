@@ -7,6 +7,7 @@ trivial trainable through the sweep's own searcher and ASHA scheduler (determini
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import subprocess
@@ -149,25 +150,78 @@ def test_gp_searcher_builds_and_samples_the_space(tmp_path):
     assert settings(cfg, plan)["searcher"] == "optuna-gp"
 
 
-def test_a_trial_the_study_finished_before_a_hard_kill_can_rerun_after_resume(tmp_path):
-    # the study is written as trials go, Tune's state only now and then: a resumed sweep can rerun a trial
-    # that the study already holds as finished (a CI run failed so: UpdateFinishedTrialError ended it)
-    from q2l.sweep.search import searcher
+# ---------------------------------------------------------------- resume after a hard kill (torn saves)
+# Tune saves the trials and the search algorithm as separate files, the study is written as trials go: a
+# driver killed mid-save leaves them out of step. Tune's own files are written here by Tune's own code
+# (``save_to_dir``); only the experiment state's trial list is written by hand, in Tune's format.
+def _sweep_start(tmp_path: Path, name: str):
+    """A new sweep's search algorithm (at most one trial at once) and its pickle as ``tuner.pkl`` holds it."""
+    from q2l.sweep.search import search_algorithm
 
     cfg = config(tmp_path, searcher="optuna", num_samples=4)
-    search = searcher(cfg, parse_space(cfg), "rerun")
-    search.suggest("t1")
-    search.on_trial_result("t1", {"epoch": 1, "best_holdout_map": 40.0})
-    snapshot = pickle.dumps(search)  # Tune's last saved state: t1 running, epoch 1 reported
-    search.on_trial_result("t1", {"epoch": 2, "best_holdout_map": 50.0})
-    search.on_trial_complete("t1", {"epoch": 2, "best_holdout_map": 50.0, "test_map": 45.0})
+    search = search_algorithm(cfg, parse_space(cfg), name, max_concurrent=1)
+    from ray import cloudpickle  # as Tune pickles tuner.pkl
 
-    resumed = pickle.loads(snapshot)  # the hard kill, then --resume
-    resumed.on_trial_result("t1", {"epoch": 2, "best_holdout_map": 30.0})
-    resumed.on_trial_complete("t1", {"epoch": 3, "best_holdout_map": 35.0, "test_map": 33.0})
-    (trial,) = sweep_study.load_study(cfg, "rerun").trials
-    assert trial.state == TrialState.COMPLETE
-    assert trial.value == 50.0 and trial.intermediate_values == {1: 40.0, 2: 50.0}
+    return cfg, search, cloudpickle.dumps(search)
+
+
+def _suggest(search, trial_id: str) -> dict:
+    config = search.searcher.suggest(trial_id)
+    search._counter += 1  # what Tune's create_trial_if_possible counts for each trial it creates
+    return config
+
+
+def _experiment_state(folder: Path, trials: dict[str, str]) -> None:
+    """Tune's newest experiment state in ``folder`` with these trials (id → status)."""
+    data = [[json.dumps({"trial_id": t, "status": status}), "{}"] for t, status in trials.items()]
+    (folder / "experiment_state-2026-12-01_00-00-00.json").write_text(json.dumps({"trial_data": data}))
+
+
+def test_resume_with_a_searcher_older_than_the_trials_goes_on_suggesting(tmp_path):
+    # the hang a test run found: the saved searcher still counted a finished trial as running, so at one
+    # trial at a time it never suggested again; and a rerun of a trial the study holds as finished failed a
+    # CI run (UpdateFinishedTrialError)
+    cfg, search, start = _sweep_start(tmp_path, "older")
+    saved = tmp_path / "state"
+    saved.mkdir()
+    _suggest(search, "t1")
+    search.on_trial_result("t1", {"epoch": 1, "best_holdout_map": 40.0})
+    search.save_to_dir(str(saved), "2026-12-01_00-00-00")  # the searcher's last save: t1 running
+    search.on_trial_complete("t1", {"epoch": 2, "best_holdout_map": 50.0, "test_map": 45.0})
+    _suggest(search, "t2")
+    search.on_trial_result("t2", {"epoch": 1, "best_holdout_map": 20.0})
+    _experiment_state(saved, {"t1": "TERMINATED", "t2": "RUNNING"})  # the trials' later save, then the kill
+
+    resumed = pickle.loads(start)  # --resume: the search algorithm of tuner.pkl, restored as Tune does
+    resumed.restore_from_dir(str(saved))
+    assert resumed.searcher.live_trials == {"t2"} and resumed._counter == 2
+    resumed.on_trial_result("t2", {"epoch": 1, "best_holdout_map": 20.0})  # t2 reruns its first epoch
+    resumed.on_trial_complete("t2", {"epoch": 2, "best_holdout_map": 30.0, "test_map": 25.0})
+    assert resumed.searcher.suggest("t3") is not None  # a fresh trial: the sweep goes on
+    t1, t2, t3 = sweep_study.load_study(cfg, "older").trials
+    assert (t1.state, t1.value, t1.intermediate_values) == (TrialState.COMPLETE, 50.0, {1: 40.0, 2: 50.0})
+    assert (t2.state, t2.value, t2.intermediate_values) == (TrialState.COMPLETE, 30.0, {1: 20.0, 2: 30.0})
+    assert t3.state == TrialState.RUNNING and t3.user_attrs["q2l.trial_id"] == "t3"
+
+
+def test_resume_with_a_searcher_newer_than_the_trials_fails_the_lost_trial(tmp_path):
+    # the searcher was saved after t2 started, the trials before: Tune lost t2, which the study held RUNNING
+    cfg, search, start = _sweep_start(tmp_path, "newer")
+    saved = tmp_path / "state"
+    saved.mkdir()
+    _suggest(search, "t1")
+    search.on_trial_complete("t1", {"epoch": 2, "best_holdout_map": 50.0, "test_map": 45.0})
+    _experiment_state(saved, {"t1": "TERMINATED"})
+    _suggest(search, "t2")
+    search.on_trial_result("t2", {"epoch": 1, "best_holdout_map": 20.0})
+    search.save_to_dir(str(saved), "2026-12-01_00-00-00")
+
+    resumed = pickle.loads(start)
+    resumed.restore_from_dir(str(saved))
+    assert resumed.searcher.live_trials == set() and resumed._counter == 1  # t2 no longer counts
+    assert resumed.searcher.suggest("t3") is not None
+    states = [t.state for t in sweep_study.load_study(cfg, "newer").trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING]  # t2 will never finish
 
 
 # ------------------------------------------------------------------------------------------ real Tune

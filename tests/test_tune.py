@@ -256,7 +256,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(mlflow_tmp_
 def test_sweep_driver_killed_mid_sweep_is_finished_by_resume(mlflow_tmp_config, tmp_path):
     # SIGKILL: no handler runs, nothing is saved on the way out; --resume must still finish the sweep. Tune
     # saves its state only now and then (here only at the start: TUNE_GLOBAL_CHECKPOINT_S), the Optuna study
-    # as trials go: the resumed sweep reruns a trial that the study holds as running, with an epoch reported
+    # as trials go: killed once the study holds the first trial's first epoch, the resumed sweep reruns a
+    # trial whose saved state is older than the study (the fast tests in test_sweep_search.py tear it more)
     cfg = mlflow_tmp_config
     config = sweep_config(
         cfg, tmp_path, num_samples=2, max_concurrent_trials=1, scheduler="none", name="killed"
@@ -271,14 +272,17 @@ def test_sweep_driver_killed_mid_sweep_is_finished_by_resume(mlflow_tmp_config, 
             start_new_session=True,  # its own process group: its local Ray goes with it below
         )
     sweep_dir = Path(cfg.ray.storage_path) / "killed"
+    study = []
     try:
-        # mid-sweep: Tune has saved its state and the first trial has reported an epoch
-        def first_epoch_reported() -> bool:
+        # the study is created before Tune's first save: opened once that save is in storage
+        def first_epoch_in_the_study() -> bool:
             assert proc.poll() is None, f"ended before the kill:\n{log_file.read_text()[-4000:]}"
-            saved = any(sweep_dir.glob("experiment_state*.json"))
-            return saved and any(n >= 1 for n in progress_rows(sweep_dir).values())
+            if not study and any(sweep_dir.glob("experiment_state*.json")):
+                study.append(optuna.load_study(study_name="killed", storage=storage_url(cfg)))
+            trials = study[0].get_trials(deepcopy=False) if study else []
+            return bool(trials) and trials[0].state.name == "RUNNING" and 1 in trials[0].intermediate_values
 
-        wait_for(first_epoch_reported, "the first trial's first epoch", poll=0.05)
+        wait_for(first_epoch_in_the_study, "the first trial's first epoch in the study", poll=0.05)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and whatever of its local Ray is left

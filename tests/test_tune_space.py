@@ -334,6 +334,8 @@ def test_child_runs_are_finished_tagged_and_created_for_early_failures(tmp_path,
         return client.create_run(exp, tags=tags).info.run_id
 
     done, stopped, orphan, restarted = child("done"), child("stopped"), child("again"), child("again")
+    lost, lost_done = child("lost"), child("lost-done")  # trials Tune lost with a killed driver
+    client.set_terminated(lost_done, "FINISHED")
     client.set_terminated(done, "FINISHED")  # the train layer ended it
     base = Config().flat()
     trial_rows = [
@@ -351,6 +353,7 @@ def test_child_runs_are_finished_tagged_and_created_for_early_failures(tmp_path,
     assert run(stopped).info.status == "FINISHED" and run(stopped).data.tags["q2l.stopped_by_asha"] == "true"
     assert run(orphan).info.status == "KILLED"  # the attempt that the trial's reported run replaced
     assert run(restarted).info.status == "FINISHED"
+    assert run(lost).info.status == "KILLED" and run(lost_done).info.status == "FINISHED"
     early = run(trial_rows[3].run_id)  # created for the trial that failed before the train layer ran
     assert early.info.status == "FAILED" and early.data.tags["q2l.error"] == "ValueError: nope"
     assert early.data.tags["mlflow.parentRunId"] == parent and early.data.params["model.backbone"] == "nope"

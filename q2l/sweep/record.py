@@ -161,7 +161,8 @@ def finish_child_runs(cfg: Config, rows: Sequence[TrialRow], parent_run_id: str,
     """Tag every trial's child run with its status; end it FINISHED/FAILED; create it for early failures.
 
     Fills ``row.run_id``. A trial restarted before its first checkpoint may have left an older run: it ends
-    KILLED (the trial's reported run is the one that counts). A constant number of MLflow calls per trial.
+    KILLED (the trial's reported run is the one that counts), as does a still-RUNNING run of a trial Tune lost
+    with a killed driver (not in ``rows``). A constant number of MLflow calls per trial.
     """
     client = tracking.client(cfg)
     exp_id = ensure_experiment(cfg)
@@ -189,6 +190,11 @@ def finish_child_runs(cfg: Config, rows: Sequence[TrialRow], parent_run_id: str,
         wanted = {FAILED: "FAILED", STOPPED: "FINISHED", COMPLETED: "FINISHED"}[row.status]
         if status != wanted and (status == "RUNNING" or row.status == FAILED):
             client.set_terminated(row.run_id, wanted)
+    known = {row.trial_id for row in rows}
+    for trial_id, runs in by_trial.items():
+        for run in runs:
+            if trial_id not in known and run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, "KILLED")
 
 
 # ------------------------------------------------------------------------------------------ registration

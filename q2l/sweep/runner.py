@@ -28,7 +28,7 @@ from q2l.sweep import record as sweep_record
 from q2l.sweep.recorded_storage import recording, recording_filesystem
 from q2l.sweep.resources import ResourcePlan, plan_resources
 from q2l.sweep.results import trial_rows, unfinished
-from q2l.sweep.search import scheduler, searcher, settings
+from q2l.sweep.search import scheduler, search_algorithm, settings
 from q2l.sweep.space import SearchSpace, parse_space
 from q2l.sweep.state_integrity import Manifest, StateRecorder, SweepStateError, verify_state
 from q2l.sweep.storage import (
@@ -204,10 +204,9 @@ def _tuner(sweep: _Sweep):
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=searcher(cfg, sweep.space, sweep.name),
+            search_alg=search_algorithm(cfg, sweep.space, sweep.name, plan.max_concurrent),
             scheduler=scheduler(cfg),
             num_samples=cfg.tune.num_samples,
-            max_concurrent_trials=plan.max_concurrent,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),

@@ -1,7 +1,8 @@
 """How a sweep searches and stops: the Optuna searcher (TPE, GP or random) and the ASHA scheduler.
 
 The searcher works on the sweep's persisted Optuna study (``study.py``) and tells Optuna how each trial
-ended (``optuna_search.py``): ASHA-stopped trials are PRUNED with their per-epoch values. ASHA stops weak
+ended (``optuna_search.py``): ASHA-stopped trials are PRUNED with their per-epoch values. On ``--resume``
+the restored search algorithm follows the restored trials (``resumable_search.py``). ASHA stops weak
 trials at its rungs, never at the last epoch, so a surviving trial always gets its test evaluation and
 logged model.
 """
@@ -32,6 +33,13 @@ def searcher(cfg: Config, space: SearchSpace, study_name: str):
         study_name=study_name,
         storage=storage,
     )
+
+
+def search_algorithm(cfg: Config, space: SearchSpace, study_name: str, max_concurrent: int):
+    """The sweep's ``searcher`` at most ``max_concurrent`` trials at a time, consistent after a restore."""
+    from q2l.sweep.resumable_search import ResumableSearch
+
+    return ResumableSearch(searcher(cfg, space, study_name), max_concurrent)
 
 
 def scheduler(cfg: Config):
