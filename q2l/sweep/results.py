@@ -67,7 +67,8 @@ def unfinished(sweep_path: str, num_samples: int) -> int:
     Read from the state Tune saved: after an interrupt, Tune's in-memory trials all read TERMINATED.
     """
     from ray.tune import ExperimentAnalysis
-    from ray.tune.experiment import Trial
+
+    from q2l.sweep.resumable_search import FINISHED
 
     trials = ExperimentAnalysis(sweep_path).trials
-    return num_samples - sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials)
+    return num_samples - sum(t.status in FINISHED for t in trials)

@@ -22,13 +22,14 @@ import fnmatch
 import json
 import os
 
+from ray.tune.experiment import Trial
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 
 from q2l.progress import get_logger
 from q2l.sweep.optuna_search import MultiFidelityOptunaSearch
 from q2l.sweep.state_integrity import EXPERIMENT_STATE
 
-FINISHED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that will not run again on resume
+FINISHED = (Trial.TERMINATED, Trial.ERROR)  # statuses of a trial that will not run again on resume
 
 log = get_logger()
 
