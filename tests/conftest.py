@@ -29,6 +29,17 @@ from q2l.config import Config, config_from_dict
 RAY_CPUS = 2  # what ray_local gives Ray, whatever the machine has: expectations derive from this
 
 
+def pytest_report_header(config) -> str:
+    """The free space where the tests write: a sweep test writes up to 2 GB (checkpoints, logged models).
+
+    A full disk shows up as a failed checkpoint write deep inside a trial, so the header says it up front.
+    """
+    import tempfile
+
+    where = Path(tempfile.gettempdir())
+    return f"free disk space in {where}: {shutil.disk_usage(where).free / 2**30:.1f} GiB"
+
+
 @pytest.fixture(autouse=True)
 def restore_mlflow_uris():
     """Each test starts and ends with MLflow's process-wide tracking and registry URIs as they were.

@@ -10,13 +10,15 @@ import functools
 import math
 import random
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
-from support import free_port
+from support import HANG_GUARD_S, free_port
 from torch.utils.data import Dataset
 
 from q2l.config import config_from_dict
@@ -231,6 +233,34 @@ def test_load_checkpoint_rejects_pickled_objects(tmp_path):
         load_checkpoint(path)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+# a write that runs out of room, for real: the file-size limit makes write(2) fail (EFBIG; SIGXFSZ ignored)
+FULL_DISK_SAVE = """
+import resource, signal, sys, torch
+from q2l.engine.checkpoint import save_checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+try:
+    save_checkpoint({"w": torch.zeros(2**20)}, sys.argv[1])  # 4 MiB
+except OSError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+def test_a_checkpoint_write_that_fails_names_the_file_and_keeps_the_last_one(tmp_path):
+    path = save_checkpoint({"w": torch.arange(3.0)}, tmp_path / "best.pt")
+    out = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_SAVE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert f"could not write checkpoint {path}" in out.stdout and "MiB free" in out.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no half-written temp file left behind
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(3.0))
 
 
 class NanAfter(torch.nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +50,20 @@ def set_rng_state(state: dict[str, Any], device: torch.device | str | None = Non
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` with ``torch.save`` atomically (temp file + rename: never half a file)."""
+    """Write ``state`` with ``torch.save`` atomically (temp file + rename: never half a file).
+
+    A write that fails (a full disk, a file-size limit) raises ``OSError`` naming the file and the space left;
+    the checkpoint already at ``path``, if any, is kept as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
+    except RuntimeError as e:  # torch's zip writer reports a failed write as "enforce fail: unexpected pos"
+        free_mib = shutil.disk_usage(path.parent).free / 2**20
+        raise OSError(f"could not write checkpoint {path} ({free_mib:.0f} MiB free on its disk): {e}") from e
     finally:
         tmp.unlink(missing_ok=True)
     return path
