@@ -23,7 +23,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # experiments/ is not an installed package: import it from the checkout
     sys.path.insert(0, str(REPO))
 
-from experiments.benchmarks import common, memory_bench, metrics_bench, seed_baseline, suite  # noqa: E402
+from experiments.benchmarks import (  # noqa: E402
+    common,
+    memory_bench,
+    metrics_bench,
+    seed_baseline,
+    suite,
+    sweep_scale_bench,
+)
 
 TINY = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "2", "--threads", "1"]
 
@@ -226,3 +233,17 @@ def test_part_d_ray_overhead_on_the_tiny_demo(ray_local, mlflow_tmp_config, tiny
     result = json.loads((tmp_path / "out" / "ray_overhead.json").read_text())
     assert [r["mode"] for r in result["rows"]] == ["engine", "ray-1"]
     assert result["wall_ratio"] > 0 and result["cpu_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_sweep_scale_runs_scripted_trials_through_the_sweeps_search_and_records_them(ray_local):
+    result = sweep_scale_bench.run(trials=4, concurrent=2, sizes=(3, 6))
+    driver = result["driver"]
+    assert driver["errors"] == 0 and driver["trials"] == 4
+    # every trial reached the persisted study, each ended as ASHA and the searcher left it
+    assert sum(driver["study_states"].values()) == 4 and set(driver["study_states"]) <= {"COMPLETE", "PRUNED"}
+    assert [r["rows"] for r in result["record"]] == [3, 6] and all(
+        r["record_s"] > 0 for r in result["record"]
+    )
+    table = sweep_scale_bench.markdown(result)
+    assert "4 scripted trials through Tune (2 at once" in table and "| 6 |" in table
