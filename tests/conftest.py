@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,6 @@ def pytest_report_header(config) -> str:
 
     A full disk shows up as a failed checkpoint write deep inside a trial, so the header says it up front.
     """
-    import tempfile
-
     where = Path(tempfile.gettempdir())
     return f"free disk space in {where}: {shutil.disk_usage(where).free / 2**30:.1f} GiB"
 

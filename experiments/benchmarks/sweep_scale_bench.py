@@ -130,24 +130,30 @@ def _rows_with_runs(cfg: Config, n: int):
     return space, parent, rows
 
 
+def _record_seconds(n: int) -> float:
+    """Seconds of one ``record_sweep`` over ``n`` trial rows, against a fresh SQLite MLflow store."""
+    from q2l.sweep.record import record_sweep
+
+    with tempfile.TemporaryDirectory(prefix="q2l-record-") as tmp:
+        cfg = _config(Path(tmp))
+        space, parent, rows = _rows_with_runs(cfg, n)
+        start = time.perf_counter()
+        record_sweep(cfg, rows, space, parent_run_id=parent, sweep_name="scale", wall_seconds=1.0, cpus=1)
+        return time.perf_counter() - start
+
+
 def record_time(sizes: tuple[int, ...]) -> list[dict[str, Any]]:
     """Seconds of ``record_sweep`` for each number of rows, each against a fresh SQLite MLflow store.
 
-    One untimed round of 5 rows goes first: the first ``record_sweep`` in a process also pays for importing
-    and setting up its plotting, which would land on the smallest size and fake a falling cost per row.
+    An untimed round goes first: the first ``record_sweep`` in a process also pays for importing and setting
+    up its plotting, which would land on the smallest size and fake a falling cost per row.
     """
-    from q2l.sweep.record import record_sweep
-
+    _record_seconds(5)
     out = []
-    for n in (5, *sizes):
-        with tempfile.TemporaryDirectory(prefix="q2l-record-") as tmp:
-            cfg = _config(Path(tmp))
-            space, parent, rows = _rows_with_runs(cfg, n)
-            start = time.perf_counter()
-            record_sweep(cfg, rows, space, parent_run_id=parent, sweep_name="scale", wall_seconds=1.0, cpus=1)
-            seconds = time.perf_counter() - start
+    for n in sizes:
+        seconds = _record_seconds(n)
         out.append({"rows": n, "record_s": seconds, "ms_per_row": 1000 * seconds / n})
-    return out[1:]
+    return out
 
 
 def run(trials: int = 100, concurrent: int = 2, sizes: tuple[int, ...] = (25, 50, 100)) -> dict[str, Any]:
